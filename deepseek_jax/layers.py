@@ -1,0 +1,64 @@
+"""Shared building blocks: the linear projection (BF16 or FP8) and the SwiGLU feed-forward."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig
+
+
+def param(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    cfg: ModelConfig,
+    std: float | None = None,
+) -> nnx.Param:
+    """A normal(0, initializer_range) weight with its logical axes as sharding metadata."""
+    std = cfg.initializer_range if std is None else std
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(cfg.weight_dtype), logical_axes=axes)
+
+
+def linear(x: jax.Array, w: jax.Array, cfg: ModelConfig, in_dims: int = 1) -> jax.Array:
+    """Contracts the last `in_dims` axes of x with the first `in_dims` axes of w.
+
+    Args:
+      x: [..., *w.shape[:in_dims]] activations.
+      w: weight whose leading `in_dims` axes are contracted.
+      cfg: supplies the compute dtype and whether FP8 kernels are used.
+    Returns:
+      [..., *w.shape[in_dims:]] in the compute dtype.
+    """
+    lead, k_shape, n_shape = x.shape[:-in_dims], w.shape[:in_dims], w.shape[in_dims:]
+    if x.shape[-in_dims:] != k_shape:
+        raise ValueError(f"linear: x{x.shape} does not match weight{w.shape} on {in_dims} dims")
+    x2 = x.reshape(-1, math.prod(k_shape)).astype(cfg.compute_dtype)  # [M, K]
+    w2 = w.reshape(math.prod(k_shape), -1)  # [K, N]
+    if cfg.fp8:
+        from deepseek_jax.kernels.fp8_matmul import fp8_linear
+
+        y = fp8_linear(x2, w2.astype(cfg.compute_dtype)).astype(cfg.compute_dtype)
+    else:
+        y = jnp.dot(x2, w2.astype(cfg.compute_dtype))
+    return y.reshape(lead + n_shape)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: W_down(silu(W_gate x) * W_up x). Dense layers and shared experts."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.w_gate = param(rngs, (D, hidden), ("embed", "mlp"), cfg)
+        self.w_up = param(rngs, (D, hidden), ("embed", "mlp"), cfg)
+        self.w_down = param(rngs, (hidden, D), ("mlp", "embed"), cfg)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        h = jax.nn.silu(linear(x, self.w_gate[...], cfg)) * linear(x, self.w_up[...], cfg)
+        return linear(h, self.w_down[...], cfg)  # [..., D]

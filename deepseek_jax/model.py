@@ -1,0 +1,257 @@
+"""The DeepSeek-V2/V3 decoder: embedding, scanned layer stacks, output head and MTP modules.
+
+Layers are stacked (one leading `layers` axis per stack: the first `first_k_dense_replace` dense
+layers, then the MoE layers) and applied with `jax.lax.scan` over the split NNX state, so compile
+time does not grow with depth; `cfg.remat` picks the rematerialisation policy of a layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import MLP, linear, param
+from deepseek_jax.mla import MLA, LatentCache, init_cache
+from deepseek_jax.moe import MoE, MoEStats
+from deepseek_jax.norm import RMSNorm
+from deepseek_jax.sharding.logical import constrain
+
+ACT_BTD = ("batch", "seq", "embed")
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: h += MLA(norm(h)); h += FFN-or-MoE(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype
+        )
+        self.attn = MLA(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
+        self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
+
+    def _ffn(self, h, token_mask, moe_impl):
+        y = self.ffn_norm(h)
+        if isinstance(self.ffn, MoE):
+            return self.ffn(y, token_mask, impl=moe_impl)
+        return self.ffn(y), None
+
+    def __call__(self, h, positions, segment_ids=None, token_mask=None, moe_impl=None):
+        """h [B, T, D] -> (h [B, T, D], MoEStats or None)."""
+        h = h + self.attn(self.attn_norm(h), positions, segment_ids).astype(h.dtype)
+        y, stats = self._ffn(h, token_mask, moe_impl)
+        return constrain(h + y.astype(h.dtype), ACT_BTD), stats
+
+    def decode(self, h, positions, cache: LatentCache, index):
+        a, cache = self.attn.decode(self.attn_norm(h), positions, cache, index)
+        h = h + a.astype(h.dtype)
+        y, _ = self._ffn(h, None, None)
+        return h + y.astype(h.dtype), cache
+
+
+def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module | None:
+    """Builds `n` independently initialised copies of a module stacked on a leading axis.
+
+    Each parameter's `logical_axes` metadata gains a leading 'layers' entry.
+    """
+    if n == 0:
+        return None
+    keys = jax.random.split(rngs.params(), n)
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def create(key):
+        return make(nnx.Rngs(params=key))
+
+    module = create(keys)
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Variable) and "logical_axes" in var.get_metadata():
+            var.set_metadata(
+                "logical_axes", ("layers",) + tuple(var.get_metadata()["logical_axes"])
+            )
+    return module
+
+
+_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan_layers(stacked: nnx.Module, h: jax.Array, fn, xs=None, *, remat: str, unroll: bool):
+    """Applies `fn(layer, h, x) -> (h, y)` over the stacked layers with lax.scan.
+
+    The NNX state is split once; inside the scan each slice is merged back into a layer, so the
+    body is a pure function of (h, layer state). Returns (h, stacked ys).
+    """
+    graphdef, state = nnx.split(stacked)
+
+    def body(carry, sliced):
+        layer_state, x = sliced
+        return fn(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=_POLICIES[remat], prevent_cse=False)
+    if unroll:  # a Python loop, e.g. to debug a single layer
+        n = jax.tree.leaves(state)[0].shape[0]
+        ys = []
+        for i in range(n):
+            h, y = body(h, jax.tree.map(lambda a, i=i: a[i], (state, xs)))
+            ys.append(y)
+        return h, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys and ys[0] is not None else None
+    return jax.lax.scan(body, h, (state, xs))
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32
+    mtp_logits: jax.Array | None  # [n_mtp, B, T, V]; depth k at position i predicts t_{i+k+1}
+    moe_stats: MoEStats | None  # each field stacked over MoE layers (MTP layers last): [L_moe, ...]
+
+
+class MTPModule(nnx.Module):
+    """One multi-token-prediction depth (V3 Sec. 2.2, eq. 21-23).
+
+    h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]  (embedding first, as the checkpoints
+    concatenate it), h^k = TRM_k(h'), logits = OutHead(RMSNorm(h^k)) with the shared head.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D = cfg.hidden_size
+        self.cfg = cfg
+        self.enorm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
+        self.hnorm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
+        self.eh_proj = param(rngs, (2 * D, D), ("mtp_concat", "embed"), cfg)
+        self.block = Block(cfg, moe=cfg.is_moe, rngs=rngs)
+        self.norm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
+
+    def __call__(self, h_prev, emb_next, positions, segment_ids, token_mask, moe_impl):
+        """h_prev, emb_next [B, T, D] -> (h^k [B, T, D], normalised h^k, stats)."""
+        x = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1)  # [B, T, 2D]
+        h = linear(x, self.eh_proj[...], self.cfg).astype(h_prev.dtype)  # [B, T, D]
+        h, stats = self.block(h, positions, segment_ids, token_mask, moe_impl)
+        return h, self.norm(h), stats
+
+
+class DeepSeekModel(nnx.Module):
+    """DeepSeek-V2/V3 causal LM. `model(input_ids)` -> ModelOutput."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed = param(rngs, (V, D), ("vocab", "embed"), cfg)
+        self.dense_layers = stack(
+            lambda r: Block(cfg, moe=False, rngs=r), cfg.num_dense_layers, rngs
+        )
+        self.moe_layers = stack(lambda r: Block(cfg, moe=True, rngs=r), cfg.num_moe_layers, rngs)
+        self.norm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else param(rngs, (D, V), ("embed", "vocab"), cfg)
+        )
+        self.mtp = stack(lambda r: MTPModule(cfg, rngs=r), cfg.num_nextn_predict_layers, rngs)
+
+    def _embed(self, ids):
+        return jnp.take(self.embed[...], ids, axis=0).astype(self.cfg.compute_dtype)  # [B, T, D]
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """Normalised hidden [B, T, D] -> fp32 logits [B, T, V] (the head stays high precision)."""
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.dot(h.astype(jnp.float32), w.astype(jnp.float32))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        moe_impl: str | None = None,
+        unroll: bool = False,
+    ) -> ModelOutput:
+        """Forward pass.
+
+        Args:
+          input_ids: [B, T] int32 tokens.
+          positions: [B, T] int32 (default arange(T)); restart per document when packed.
+          segment_ids: [B, T] document ids of packed rows (0 = padding) or None.
+          moe_impl: override of cfg.moe_impl ("dropless" | "capacity" | "reference").
+          unroll: Python loop instead of lax.scan over layers.
+        Returns:
+          ModelOutput with fp32 logits [B, T, V], MTP logits and per-layer routing stats.
+        """
+        cfg = self.cfg
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        token_mask = None if segment_ids is None else segment_ids > 0
+        h = constrain(self._embed(input_ids), ACT_BTD)
+
+        def layer_fn(layer, h, _):
+            return layer(h, positions, segment_ids, token_mask, moe_impl)
+
+        stats = []
+        for layers in (self.dense_layers, self.moe_layers):
+            if layers is not None:
+                h, s = scan_layers(layers, h, layer_fn, remat=cfg.remat, unroll=unroll)
+                if s is not None:
+                    stats.append(s)
+        logits = self.head(self.norm(h))
+
+        mtp_logits = None
+        if self.mtp is not None:
+            # Depth k sees the embedding of t_{i+k}: shift the ids left by one per depth (the
+            # tail, which has no such token, is masked out of the loss).
+            def mtp_fn(module, carry, _):
+                h_prev, ids = carry
+                ids = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+                h_k, normed, s = module(
+                    h_prev, self._embed(ids), positions, segment_ids, token_mask, moe_impl
+                )
+                return (h_k, ids), (self.head(normed), s)
+
+            _, (mtp_logits, s) = scan_layers(
+                self.mtp, (h, input_ids), mtp_fn, remat=cfg.remat, unroll=unroll
+            )
+            if s is not None:
+                stats.append(s)
+        moe_stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None
+        return ModelOutput(logits, mtp_logits, moe_stats)
+
+    # ---- inference with the latent cache ----------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[LatentCache]:
+        """One stacked LatentCache per layer stack ([L, B, S, C] and [L, B, S, R])."""
+        caches = []
+        for layers, n in (
+            (self.dense_layers, self.cfg.num_dense_layers),
+            (self.moe_layers, self.cfg.num_moe_layers),
+        ):
+            if layers is not None:
+                c = init_cache(self.cfg, batch, max_len, dtype)
+                caches.append(jax.tree.map(lambda a, n=n: jnp.broadcast_to(a, (n,) + a.shape), c))
+        return caches
+
+    def decode(self, input_ids: jax.Array, caches: list[LatentCache], index: jax.Array):
+        """Runs T new tokens at positions [index, index + T) through the absorbed-MLA path.
+
+        Args:
+          input_ids: [B, T]; caches: from `init_cache`; index: [] int32 first free slot.
+        Returns:
+          (logits [B, T, V] fp32, updated caches).
+        """
+        B, T = input_ids.shape
+        positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        h = self._embed(input_ids)
+
+        def layer_fn(layer, h, cache):
+            return layer.decode(h, positions, LatentCache(*cache), index)
+
+        new = []
+        stacks = [s for s in (self.dense_layers, self.moe_layers) if s is not None]
+        for layers, cache in zip(stacks, caches, strict=True):
+            h, c = scan_layers(layers, h, layer_fn, tuple(cache), remat="none", unroll=False)
+            new.append(LatentCache(*c))
+        return self.head(self.norm(h)), new

@@ -1,0 +1,169 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts (V2 eq. 9, V3 eq. 12).
+
+    h'_t = u_t + sum_{i<=N_s} FFN^(s)_i(u_t) + sum_{i<=N_r} g_{i,t} FFN^(r)_i(u_t)
+
+The routed sum is computed three ways, held equal by tests:
+  * `dropless`  - tokens sorted by expert, grouped matmuls (`jax.lax.ragged_dot` or our kernel);
+  * `capacity`  - GShard-style fixed [E, C, D] buffers; per expert, assignments beyond the capacity
+                  C = ceil(capacity_factor * M * K / E) are dropped, lowest affinity first (V2's
+                  dropping rule, Sec. 2.2.3; the device-level variant lives in the expert-parallel
+                  path, where a device is the unit of capacity);
+  * `reference` - every expert on every token, weighted by a dense [M, E] gate matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.gate import Gate, Routing
+from deepseek_jax.layers import MLP, param
+
+
+class MoEStats(NamedTuple):
+    """Per-sequence routing statistics of one MoE layer (inputs to balance losses / bias update)."""
+
+    expert_counts: jax.Array  # [B, E] tokens of each sequence routed to each expert
+    score_sums: jax.Array  # [B, E] sum over tokens of per-token-normalised affinities s'
+    group_counts: jax.Array  # [B, G] tokens of each sequence sent to each expert group
+    dropped: jax.Array  # [] fraction of (token, expert) assignments dropped (capacity path)
+    tokens: jax.Array  # [B] tokens counted per sequence (non-padding)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] -> [M, N]."""
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def _swiglu_grouped(xs, w_gate, w_up, w_down, group_sizes):
+    h = jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes)) * grouped_matmul(xs, w_up, group_sizes)
+    return grouped_matmul(h, w_down, group_sizes)
+
+
+def routed_dropless(x: jax.Array, r: Routing, w_gate, w_up, w_down) -> jax.Array:
+    """Sort-based dropless routed experts.
+
+    Args:
+      x: [M, D] tokens; r: routing with weights/experts [M, K].
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+    Returns:
+      [M, D] the gated sum over each token's K experts.
+    """
+    M, K = r.experts.shape
+    E = w_gate.shape[0]
+    flat = r.experts.reshape(-1)  # [M*K]
+    order = jnp.argsort(flat, stable=True)  # assignment ids sorted by expert
+    xs = x[order // K]  # [M*K, D]
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E]
+    ys = _swiglu_grouped(xs, w_gate, w_up, w_down, group_sizes)  # [M*K, D]
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(M, K, -1)  # [M, K, D] unsorted
+    return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype))
+
+
+def expert_capacity(num_tokens: int, cfg: ModelConfig) -> int:
+    """Slots per expert: ceil(capacity_factor * M * K / E)."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    return max(1, math.ceil(cfg.capacity_factor * num_tokens * K / E))
+
+
+def routed_capacity(x: jax.Array, r: Routing, w_gate, w_up, w_down, capacity: int):
+    """Fixed-capacity routed experts; returns ([M, D] output, kept mask [M, K])."""
+    M, K = r.experts.shape
+    E = w_gate.shape[0]
+    flat_e = r.experts.reshape(-1)  # [M*K]
+    flat_w = r.weights.reshape(-1)
+    # Within each expert, highest affinity first: overflow drops the lowest-affinity assignments.
+    order = jnp.lexsort((-flat_w, flat_e))  # [M*K]
+    sorted_e = flat_e[order]
+    starts = jnp.cumsum(jnp.bincount(flat_e, length=E)) - jnp.bincount(flat_e, length=E)
+    slot = jnp.arange(M * K) - starts[sorted_e]  # position within its expert
+    keep_sorted = slot < capacity
+    slot = jnp.where(keep_sorted, slot, capacity)  # out of range -> dropped by the scatter
+    buf = jnp.zeros((E, capacity, x.shape[-1]), x.dtype)
+    buf = buf.at[sorted_e, slot].set(x[order // K], mode="drop")  # [E, C, D]
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, w_gate)) * jnp.einsum("ecd,edf->ecf", buf, w_up)
+    out = jnp.einsum("ecf,efd->ecd", h, w_down)  # [E, C, D]
+    ys = out.at[sorted_e, slot].get(mode="fill", fill_value=0)  # [M*K, D]
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(M, K, -1)
+    keep = jnp.zeros((M * K,), bool).at[order].set(keep_sorted).reshape(M, K)
+    return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), keep
+
+
+def routed_reference(x: jax.Array, r: Routing, w_gate, w_up, w_down) -> jax.Array:
+    """Every expert on every token, weighted by the dense gate matrix [M, E] (test reference)."""
+    E = w_gate.shape[0]
+    dense_w = jnp.zeros((x.shape[0], E), jnp.float32)
+    dense_w = dense_w.at[jnp.arange(x.shape[0])[:, None], r.experts].add(r.weights)  # [M, E]
+    h = jax.nn.silu(jnp.einsum("md,edf->mef", x, w_gate)) * jnp.einsum("md,edf->mef", x, w_up)
+    y = jnp.einsum("mef,efd->med", h, w_down)  # [M, E, D]
+    return jnp.einsum("med,me->md", y, dense_w.astype(y.dtype))
+
+
+class MoE(nnx.Module):
+    """Shared experts + gate + routed experts [E, D, F] (experts stacked for grouped matmuls)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate = Gate(cfg, rngs=rngs)
+        self.w_gate = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), cfg)
+        self.w_up = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), cfg)
+        self.w_down = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), cfg)
+        if cfg.n_shared_experts:
+            self.shared = MLP(cfg, F * cfg.n_shared_experts, rngs=rngs)
+        else:
+            self.shared = None
+
+    def __call__(
+        self, x: jax.Array, token_mask: jax.Array | None = None, *, impl: str | None = None
+    ) -> tuple[jax.Array, MoEStats]:
+        """x [B, T, D] -> (output [B, T, D], per-sequence routing stats).
+
+        `impl` overrides cfg.moe_impl ("dropless" | "capacity" | "reference").
+        """
+        cfg = self.cfg
+        B, T, D = x.shape
+        impl = impl or cfg.moe_impl
+        xf = x.reshape(B * T, D)  # [M, D]
+        r = self.gate(xf)
+        dt = cfg.compute_dtype
+        xc = xf.astype(dt)
+        ws = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        dropped = jnp.zeros((), jnp.float32)
+        if impl == "dropless":
+            routed = routed_dropless(xc, r, *ws)
+        elif impl == "capacity":
+            routed, keep = routed_capacity(xc, r, *ws, expert_capacity(B * T, cfg))
+            dropped = 1.0 - keep.mean(dtype=jnp.float32)
+        elif impl == "reference":
+            routed = routed_reference(xc, r, *ws)
+        else:
+            raise ValueError(f"MoE impl={impl!r}: allowed dropless, capacity, reference")
+        out = routed.reshape(B, T, D)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.astype(x.dtype), self._stats(r, B, T, token_mask, dropped)
+
+    def _stats(self, r: Routing, B: int, T: int, token_mask, dropped) -> MoEStats:
+        cfg = self.cfg
+        E, G = cfg.n_routed_experts, cfg.n_group
+        mask = (
+            jnp.ones((B, T), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+        )
+        chosen = jax.nn.one_hot(r.experts, E, dtype=jnp.float32).sum(1).reshape(B, T, E)
+        chosen = chosen * mask[..., None]  # [B, T, E] in {0, 1}
+        normed = r.scores / r.scores.sum(-1, keepdims=True)  # s' (softmax is already normalised)
+        normed = normed.reshape(B, T, E) * mask[..., None]
+        in_group = chosen.reshape(B, T, G, E // G).max(-1)  # [B, T, G]
+        return MoEStats(
+            expert_counts=chosen.sum(1),
+            score_sums=normed.sum(1),
+            group_counts=in_group.sum(1),
+            dropped=dropped,
+            tokens=mask.sum(1),
+        )

@@ -1,0 +1,57 @@
+"""Parameter counts (total and activated per token), from the real module tree at zero memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    """Counts following the V3 report's convention.
+
+    `total` and `activated` cover the main model (embedding, all layers, final norm, output head)
+    and exclude the MTP modules, as the report's 671B / 37B do (the hub checkpoint's 685B adds
+    the 14B MTP module). `activated` counts, per token, the shared experts and K of the E routed
+    experts of every MoE layer plus everything that is not a routed expert; the router weights and
+    the (non-trainable) selection bias count as activated. `mtp` is the MTP modules' total.
+    """
+
+    total: int
+    activated: int
+    mtp: int
+    routed_expert: int  # parameters of all routed experts (main model)
+
+
+def abstract_model(cfg: ModelConfig):
+    """The model's variables as ShapeDtypeStructs (no memory allocated)."""
+    from deepseek_jax.model import DeepSeekModel
+
+    return nnx.eval_shape(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    model = abstract_model(cfg)
+    sizes: dict[str, int] = {}
+    for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        sizes["/".join(str(p) for p in path)] = math.prod(leaf.shape)
+    for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param))):
+        if hasattr(leaf, "shape") and "bias" in str(path[-2:]):
+            sizes["/".join(str(p) for p in path)] = math.prod(leaf.shape)
+    mtp = sum(v for k, v in sizes.items() if k.startswith("mtp/"))
+    main = {k: v for k, v in sizes.items() if not k.startswith("mtp/")}
+    routed = sum(v for k, v in main.items() if "/ffn/w_" in k and k.startswith("moe_layers/"))
+    total = sum(main.values())
+    inactive = 0
+    if cfg.is_moe:
+        inactive = routed * (cfg.n_routed_experts - cfg.num_experts_per_tok) // cfg.n_routed_experts
+    return ParamCount(total=total, activated=total - inactive, mtp=mtp, routed_expert=routed)
+
+
+def param_bytes(tree) -> int:
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
