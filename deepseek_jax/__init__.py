@@ -1,0 +1,22 @@
+"""deepseek-jax: DeepSeek-V2/V3 (MLA, DeepSeekMoE, MTP, FP8) and its training system in JAX."""
+
+from deepseek_jax.config import ModelConfig, RopeScaling, load_preset
+from deepseek_jax.model import DeepSeekModel, ModelOutput
+from deepseek_jax.params import count_params
+
+__all__ = [
+    "DeepSeekModel",
+    "ModelConfig",
+    "ModelOutput",
+    "RopeScaling",
+    "count_params",
+    "load_preset",
+    "load_pretrained",
+]
+
+
+def load_pretrained(path, dtype=None):
+    """Loads an HF checkpoint folder or an Orbax checkpoint of this project (see deepseek_jax.hf)."""
+    from deepseek_jax.hf import load_pretrained as _load
+
+    return _load(path) if dtype is None else _load(path, dtype=dtype)

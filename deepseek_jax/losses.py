@@ -117,11 +117,12 @@ def comm_balance_loss(stats: MoEStats, cfg: ModelConfig) -> jax.Array:
     return (f_comm * P_dev).sum(-1).sum()
 
 
-def total_loss(out, batch: dict, cfg: ModelConfig, lcfg: LossConfig, mtp_lambda=None):
-    """L = L_main + lambda/D * sum_k L_MTP^k + balance terms + z-loss.
+def lm_loss(out, batch: dict, lcfg: LossConfig, mtp_lambda=None):
+    """L_main + lambda/D * sum_k L_MTP^k + z-loss (no balance terms).
 
     Args:
-      out: ModelOutput; batch: dict with `labels` [B, T], optional `loss_mask`, `segment_ids`.
+      out: ModelOutput (its moe_stats are not used here).
+      batch: dict with `labels` [B, T], optional `loss_mask`, `segment_ids`.
       mtp_lambda: overrides lcfg.mtp_lambda (for a schedule); may be a traced scalar.
     Returns:
       (scalar loss, dict of metrics).
@@ -140,18 +141,32 @@ def total_loss(out, batch: dict, cfg: ModelConfig, lcfg: LossConfig, mtp_lambda=
         mtp = mtp / depth
         loss = loss + lam * mtp
         metrics["mtp_loss"] = mtp
-    if out.moe_stats is not None:
-        s = out.moe_stats
-        terms = {
-            "seq_balance_loss": (lcfg.seq_balance_alpha, seq_balance_loss),
-            "expert_balance_loss": (lcfg.expert_balance_alpha, expert_balance_loss),
-            "device_balance_loss": (lcfg.device_balance_alpha, device_balance_loss),
-            "comm_balance_loss": (lcfg.comm_balance_alpha, comm_balance_loss),
-        }
-        for name, (alpha, fn) in terms.items():
-            if alpha:
-                value = fn(s, cfg)
-                loss = loss + alpha * value
-                metrics[name] = value
-    metrics["loss"] = loss
     return loss, metrics
+
+
+def balance_loss(stats: MoEStats | None, cfg: ModelConfig, lcfg: LossConfig):
+    """The weighted MoE balance terms for the layers in `stats` -> (scalar, metrics)."""
+    loss, metrics = jnp.zeros((), jnp.float32), {}
+    if stats is None:
+        return loss, metrics
+    terms = {
+        "seq_balance_loss": (lcfg.seq_balance_alpha, seq_balance_loss),
+        "expert_balance_loss": (lcfg.expert_balance_alpha, expert_balance_loss),
+        "device_balance_loss": (lcfg.device_balance_alpha, device_balance_loss),
+        "comm_balance_loss": (lcfg.comm_balance_alpha, comm_balance_loss),
+    }
+    for name, (alpha, fn) in terms.items():
+        if alpha:
+            value = fn(stats, cfg)
+            loss = loss + alpha * value
+            metrics[name] = value
+    return loss, metrics
+
+
+def total_loss(out, batch: dict, cfg: ModelConfig, lcfg: LossConfig, mtp_lambda=None):
+    """L = L_main + lambda/D * sum_k L_MTP^k + balance terms + z-loss -> (loss, metrics)."""
+    loss, metrics = lm_loss(out, batch, lcfg, mtp_lambda)
+    bal, bal_metrics = balance_loss(out.moe_stats, cfg, lcfg)
+    metrics.update(bal_metrics)
+    metrics["loss"] = loss + bal
+    return loss + bal, metrics

@@ -108,6 +108,16 @@ def scan_layers(stacked: nnx.Module, h: jax.Array, fn, xs=None, *, remat: str, u
     return jax.lax.scan(body, h, (state, xs))
 
 
+class Context(NamedTuple):
+    """Per-call inputs every layer sees."""
+
+    positions: jax.Array  # [B, T]
+    segment_ids: jax.Array | None  # [B, T]
+    token_mask: jax.Array | None  # [B, T] bool, False on padding
+    moe_impl: str | None
+    unroll: bool
+
+
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
     mtp_logits: jax.Array | None  # [n_mtp, B, T, V]; depth k at position i predicts t_{i+k+1}
@@ -183,43 +193,65 @@ class DeepSeekModel(nnx.Module):
         Returns:
           ModelOutput with fp32 logits [B, T, V], MTP logits and per-layer routing stats.
         """
-        cfg = self.cfg
+        ctx = self.context(input_ids, positions, segment_ids, moe_impl, unroll)
+        h = self.embed_and_dense(input_ids, ctx)
+        h, stats = self.run_stack(self.moe_layers, h, ctx)
+        logits, mtp_logits, mtp_stats = self.outputs(h, input_ids, ctx)
+        stats = [s for s in (stats, mtp_stats) if s is not None]
+        moe_stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None
+        return ModelOutput(logits, mtp_logits, moe_stats)
+
+    # The forward pass in three pieces, so that a pipeline can put them on different stages.
+    def context(self, input_ids, positions=None, segment_ids=None, moe_impl=None, unroll=False):
         B, T = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         token_mask = None if segment_ids is None else segment_ids > 0
+        return Context(positions, segment_ids, token_mask, moe_impl, unroll)
+
+    def embed_and_dense(self, input_ids: jax.Array, ctx: Context) -> jax.Array:
+        """Token embedding and the first_k_dense_replace dense layers: [B, T] -> [B, T, D]."""
         h = constrain(self._embed(input_ids), ACT_BTD)
+        return self.run_stack(self.dense_layers, h, ctx)[0]
+
+    def run_stack(self, layers, h: jax.Array, ctx: Context):
+        """Scans a stack of Blocks over h [B, T, D] -> (h, stacked MoEStats or None)."""
+        if layers is None:
+            return h, None
 
         def layer_fn(layer, h, _):
-            return layer(h, positions, segment_ids, token_mask, moe_impl)
+            return layer(h, ctx.positions, ctx.segment_ids, ctx.token_mask, ctx.moe_impl)
 
-        stats = []
-        for layers in (self.dense_layers, self.moe_layers):
-            if layers is not None:
-                h, s = scan_layers(layers, h, layer_fn, remat=cfg.remat, unroll=unroll)
-                if s is not None:
-                    stats.append(s)
+        return scan_layers(layers, h, layer_fn, remat=self.cfg.remat, unroll=ctx.unroll)
+
+    def outputs(self, h: jax.Array, input_ids: jax.Array, ctx: Context):
+        """Final norm + head, and the MTP modules on top of the last hidden state h^0.
+
+        Returns (logits [B, T, V], mtp_logits [n_mtp, B, T, V] or None, MTP MoEStats or None).
+        """
         logits = self.head(self.norm(h))
+        if self.mtp is None:
+            return logits, None, None
 
-        mtp_logits = None
-        if self.mtp is not None:
-            # Depth k sees the embedding of t_{i+k}: shift the ids left by one per depth (the
-            # tail, which has no such token, is masked out of the loss).
-            def mtp_fn(module, carry, _):
-                h_prev, ids = carry
-                ids = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-                h_k, normed, s = module(
-                    h_prev, self._embed(ids), positions, segment_ids, token_mask, moe_impl
-                )
-                return (h_k, ids), (self.head(normed), s)
-
-            _, (mtp_logits, s) = scan_layers(
-                self.mtp, (h, input_ids), mtp_fn, remat=cfg.remat, unroll=unroll
+        # Depth k sees the embedding of t_{i+k}: shift the ids left by one per depth (the tail,
+        # which has no such token, is masked out of the loss).
+        def mtp_fn(module, carry, _):
+            h_prev, ids = carry
+            ids = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+            h_k, normed, s = module(
+                h_prev,
+                self._embed(ids),
+                ctx.positions,
+                ctx.segment_ids,
+                ctx.token_mask,
+                ctx.moe_impl,
             )
-            if s is not None:
-                stats.append(s)
-        moe_stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None
-        return ModelOutput(logits, mtp_logits, moe_stats)
+            return (h_k, ids), (self.head(normed), s)
+
+        _, (mtp_logits, stats) = scan_layers(
+            self.mtp, (h, input_ids), mtp_fn, remat=self.cfg.remat, unroll=ctx.unroll
+        )
+        return logits, mtp_logits, stats
 
     # ---- inference with the latent cache ----------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[LatentCache]:
