@@ -22,7 +22,10 @@ from flax import nnx
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.gate import Gate, Routing
+from deepseek_jax.kernels.grouped_matmul import grouped_matmul as kernel_grouped_matmul
+from deepseek_jax.kernels.grouped_matmul import grouped_matmul_fp8
 from deepseek_jax.layers import MLP, param
+from deepseek_jax.sharding import expert_parallel
 
 
 class MoEStats(NamedTuple):
@@ -35,17 +38,25 @@ class MoEStats(NamedTuple):
     tokens: jax.Array  # [B] tokens counted per sequence (non-padding)
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] -> [M, N]."""
-    return jax.lax.ragged_dot(x, w, group_sizes)
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, fp8: bool = False):
+    """x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] -> [M, N].
+
+    Dispatches to kernels/grouped_matmul.py: the Pallas kernel on GPU, `jax.lax.ragged_dot`
+    elsewhere; `fp8` quantises x (1x128) and w (128x128 per expert) as in the V3 recipe.
+    """
+    if fp8:
+        return grouped_matmul_fp8(x, w, group_sizes, out_dtype=x.dtype)
+    return kernel_grouped_matmul(x, w, group_sizes)
 
 
-def _swiglu_grouped(xs, w_gate, w_up, w_down, group_sizes):
-    h = jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes)) * grouped_matmul(xs, w_up, group_sizes)
-    return grouped_matmul(h, w_down, group_sizes)
+def _swiglu_grouped(xs, w_gate, w_up, w_down, group_sizes, fp8=False):
+    h = jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes, fp8)) * grouped_matmul(
+        xs, w_up, group_sizes, fp8
+    )
+    return grouped_matmul(h, w_down, group_sizes, fp8)
 
 
-def routed_dropless(x: jax.Array, r: Routing, w_gate, w_up, w_down) -> jax.Array:
+def routed_dropless(x: jax.Array, r: Routing, w_gate, w_up, w_down, fp8: bool = False) -> jax.Array:
     """Sort-based dropless routed experts.
 
     Args:
@@ -60,7 +71,7 @@ def routed_dropless(x: jax.Array, r: Routing, w_gate, w_up, w_down) -> jax.Array
     order = jnp.argsort(flat, stable=True)  # assignment ids sorted by expert
     xs = x[order // K]  # [M*K, D]
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E]
-    ys = _swiglu_grouped(xs, w_gate, w_up, w_down, group_sizes)  # [M*K, D]
+    ys = _swiglu_grouped(xs, w_gate, w_up, w_down, group_sizes, fp8)  # [M*K, D]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(M, K, -1)  # [M, K, D] unsorted
     return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype))
 
@@ -124,10 +135,23 @@ class MoE(nnx.Module):
     ) -> tuple[jax.Array, MoEStats]:
         """x [B, T, D] -> (output [B, T, D], per-sequence routing stats).
 
-        `impl` overrides cfg.moe_impl ("dropless" | "capacity" | "reference").
+        `impl` overrides cfg.moe_impl ("dropless" | "capacity" | "reference"), or picks an
+        expert-parallel path ("ep" | "ep_ragged" | "ep_ragged_emulated" | "ep_capacity").
         """
         cfg = self.cfg
         B, T, D = x.shape
+        # ---- expert parallelism (sharding/expert_parallel.py) -------------------------------
+        # impl "ep*", or no impl under sharding rules and a mesh that splits tokens or experts:
+        # route and run the routed experts under shard_map (all-to-all dispatch / combine).
+        if impl in expert_parallel.EP_IMPLS or (impl is None and expert_parallel.ep_active()):
+            ws = [w[...].astype(cfg.compute_dtype) for w in (self.w_gate, self.w_up, self.w_down)]
+            exchange = expert_parallel.exchange_for_impl(impl or "ep", cfg)
+            routed, r, dropped = expert_parallel.expert_parallel_routed(
+                self.gate, x, *ws, cfg, exchange=exchange
+            )
+            out = routed if self.shared is None else routed + self.shared(x)
+            return out.astype(x.dtype), self._stats(r, B, T, token_mask, dropped)
+        # ---- end expert parallelism -----------------------------------------------------------
         impl = impl or cfg.moe_impl
         xf = x.reshape(B * T, D)  # [M, D]
         r = self.gate(xf)
@@ -136,7 +160,7 @@ class MoE(nnx.Module):
         ws = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
         dropped = jnp.zeros((), jnp.float32)
         if impl == "dropless":
-            routed = routed_dropless(xc, r, *ws)
+            routed = routed_dropless(xc, r, *ws, fp8=cfg.fp8)
         elif impl == "capacity":
             routed, keep = routed_capacity(xc, r, *ws, expert_capacity(B * T, cfg))
             dropped = 1.0 - keep.mean(dtype=jnp.float32)

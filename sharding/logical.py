@@ -38,8 +38,28 @@ def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, MeshAxes]) -
     return PartitionSpec(*(rules.get(a) if a is not None else None for a in axes))
 
 
+def activation_spec(axes: Sequence[str | None], rules: Mapping[str, MeshAxes]) -> PartitionSpec:
+    """Like `logical_to_spec`, but a mesh axis already taken by an earlier dimension is dropped.
+
+    Weights and activations share logical names: under FSDP `embed` -> fsdp shards a weight's
+    D, while an activation [B, T, D] already splits B over fsdp; the earlier (batch) dimension
+    keeps the axis and D stays whole there.
+    """
+    used: set[str] = set()
+    out = []
+    for entry in logical_to_spec(axes, rules):
+        flat = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept = tuple(a for a in flat if a not in used)
+        used.update(kept)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return PartitionSpec(*out)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Constrains activation `x` to the sharding of its logical `axes` (no-op without rules)."""
+    """Constrains activation `x` to the sharding of its logical `axes` (no-op without rules).
+
+    Needs a context mesh (`jax.set_mesh`, or `jax.sharding.use_abstract_mesh` to plan).
+    """
     rules = _RULES.get()
     if rules is None:
         return x
@@ -47,4 +67,4 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         raise ValueError(
             f"constrain: {len(axes)} logical axes {tuple(axes)} for a {x.ndim}-d array"
         )
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules))
+    return jax.lax.with_sharding_constraint(x, activation_spec(axes, rules))

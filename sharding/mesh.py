@@ -1,4 +1,10 @@
-"""Device meshes over the named axes `data`, `fsdp`, `expert`, `tensor`, `stage`."""
+"""Device meshes over the named axes `data`, `fsdp`, `expert`, `tensor`, `stage`.
+
+`make_mesh` builds the mesh over every device of every process (`jax.devices()` is global once
+`jax.distributed.initialize` has run), with `jax.make_mesh` choosing a topology-aware device
+order; sizes of 1 are allowed, so every mesh has all five axes. `abstract_mesh` is the same
+layout without devices, for planning (`python -m deepseek_jax.plan`).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,12 @@ class MeshConfig:
     rules: str = "fsdp"  # a preset of sharding.rules.RULE_PRESETS
 
     def __post_init__(self):
+        from deepseek_jax.sharding.rules import RULE_PRESETS
+
+        if self.rules not in RULE_PRESETS:
+            raise ValueError(
+                f"MeshConfig.rules={self.rules!r} is invalid: allowed {sorted(RULE_PRESETS)}"
+            )
         sizes = self.sizes_tuple()
         if sum(s == -1 for s in sizes) > 1:
             raise ValueError(
@@ -35,6 +47,22 @@ class MeshConfig:
 
     def sizes_tuple(self) -> tuple[int, ...]:
         return tuple(getattr(self, a) for a in AXES)
+
+    @classmethod
+    def from_string(cls, text: str, rules: str = "fsdp") -> MeshConfig:
+        """Parses 'expert=64,fsdp=32' (unnamed axes default to 1; one size may be -1)."""
+        sizes = dict.fromkeys(AXES, 1)
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            name, sep, value = item.partition("=")
+            if not sep or name.strip() not in AXES:
+                raise ValueError(f"mesh {text!r}: expected axis=size with axis in {AXES}")
+            try:
+                sizes[name.strip()] = int(value)
+            except ValueError:
+                raise ValueError(
+                    f"mesh {text!r}: size of {name.strip()!r} must be an integer"
+                ) from None
+        return cls(**sizes, rules=rules)
 
     def resolve(self, num_devices: int) -> dict[str, int]:
         """Axis sizes with -1 filled in; raises if they do not multiply to `num_devices`."""
@@ -69,5 +97,8 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 
 def abstract_mesh(sizes: dict[str, int]) -> jax.sharding.AbstractMesh:
     """A device-free mesh for planning (e.g. 2048 devices) with the project's axis names."""
+    unknown = sorted(set(sizes) - set(AXES))
+    if unknown:
+        raise ValueError(f"abstract_mesh: unknown axes {unknown}; allowed {AXES}")
     shape = tuple(sizes.get(a, 1) for a in AXES)
     return jax.sharding.AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))

@@ -33,8 +33,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from deepseek_jax.sharding.schedules import Op, OpKind, Schedule
 from jax.sharding import Mesh, PartitionSpec
+
+from deepseek_jax.sharding.schedules import Op, OpKind, Schedule
 
 _BKIND = {None: 0, OpKind.B: 1, OpKind.W: 2, OpKind.BW: 3}
 

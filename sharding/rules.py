@@ -12,21 +12,27 @@ import math
 from collections.abc import Mapping
 
 import jax
-from deepseek_jax.sharding.logical import MeshAxes, logical_to_spec
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from deepseek_jax.sharding.logical import MeshAxes, logical_to_spec
 
 # Activations: the batch is split over every data-like axis (the expert axis too: outside the
 # routed experts, EP ranks act as data-parallel ranks, as in DeepSeek's training).
 _BATCH = ("data", "fsdp", "expert")
+# Not a logical axis: mesh axes that shard, in any parameter the table leaves off them, its
+# largest dimension they divide (never `layers`, which the layer scan slices). FSDP needs it for
+# weights without an `embed` dimension (MLA's wq_b [Q, N, H], wkv_b [C, N, nope + v]): no
+# single logical axis can take `fsdp` there without colliding with `embed` in wq_a / wkv_a / wo.
+FSDP_FALLBACK = "fsdp_fallback"
 
 RULE_PRESETS: dict[str, dict[str, MeshAxes]] = {
     # Pure data parallelism: parameters replicated.
     "dp": {"batch": _BATCH},
     # ZeRO-3 style: every weight's `embed` dimension split over fsdp.
-    "fsdp": {"batch": _BATCH, "embed": "fsdp"},
+    "fsdp": {"batch": _BATCH, "embed": "fsdp", FSDP_FALLBACK: "fsdp"},
     # FSDP for dense weights + routed experts split over the expert axis.
-    "fsdp_ep": {"batch": _BATCH, "embed": "fsdp", "experts": "expert"},
+    "fsdp_ep": {"batch": _BATCH, "embed": "fsdp", "experts": "expert", FSDP_FALLBACK: "fsdp"},
     # Expert parallelism + Megatron-style tensor parallelism of heads and FFN hidden dims.
     "ep_tp": {
         "batch": _BATCH,
@@ -36,6 +42,8 @@ RULE_PRESETS: dict[str, dict[str, MeshAxes]] = {
         "expert_mlp": "tensor",
         "vocab": "tensor",
     },
+    # Expert parallelism alone: routed experts split over `expert`, everything else replicated.
+    "ep": {"batch": _BATCH, "experts": "expert"},
     # Everything: FSDP + EP + TP (the 671B plan).
     "fsdp_ep_tp": {
         "batch": _BATCH,
@@ -45,11 +53,13 @@ RULE_PRESETS: dict[str, dict[str, MeshAxes]] = {
         "mlp": "tensor",
         "expert_mlp": "tensor",
         "vocab": "tensor",
+        FSDP_FALLBACK: "fsdp",
     },
 }
 
 
 def get_rules(name_or_table: str | Mapping[str, MeshAxes]) -> dict[str, MeshAxes]:
+    """A copy of a preset (by name) or of a given table."""
     if isinstance(name_or_table, str):
         if name_or_table not in RULE_PRESETS:
             raise ValueError(
@@ -72,7 +82,12 @@ def spec_for(
     rules: Mapping[str, MeshAxes],
     mesh_sizes: Mapping[str, int],
 ) -> PartitionSpec:
-    """PartitionSpec of one array, validated against collisions and divisibility."""
+    """PartitionSpec of one array, validated against collisions and divisibility.
+
+    Raises:
+      ValueError naming the parameter `name` when a rule names no mesh axis, a mesh axis would
+      shard two dimensions, or a dimension does not divide by the product of its mesh axes.
+    """
     if logical is None:
         return PartitionSpec()
     if len(logical) != len(shape):
@@ -95,7 +110,26 @@ def spec_for(
                 f"{name}: dimension {dim} ({logical_name!r}, size {size}) is not divisible by "
                 f"mesh axes {flat} of total size {n}"
             )
-    return spec
+    return _fallback(spec, shape, logical, rules, mesh_sizes, used)
+
+
+def _fallback(spec, shape, logical, rules, mesh_sizes, used) -> PartitionSpec:
+    """Applies `FSDP_FALLBACK`: its axes take the largest free dimension they divide."""
+    axes = tuple(a for a in _flat(rules.get(FSDP_FALLBACK)) if a in mesh_sizes and a not in used)
+    n = math.prod(mesh_sizes[a] for a in axes)
+    if n <= 1:
+        return spec
+    free = [
+        d
+        for d, (size, name, entry) in enumerate(zip(shape, logical, spec, strict=True))
+        if entry is None and name != "layers" and size % n == 0
+    ]
+    if not free:
+        return spec  # best effort: a small or odd-sized weight stays replicated
+    dim = max(free, key=lambda d: shape[d])
+    entries = list(spec)
+    entries[dim] = axes[0] if len(axes) == 1 else axes
+    return PartitionSpec(*entries)
 
 
 def _logical_axes(var) -> tuple[str | None, ...] | None:
@@ -103,24 +137,84 @@ def _logical_axes(var) -> tuple[str | None, ...] | None:
     return tuple(meta["logical_axes"]) if "logical_axes" in meta else None
 
 
-def state_specs(state: nnx.State, rules: Mapping[str, MeshAxes], mesh_sizes: Mapping[str, int]):
-    """Maps an (abstract) nnx.State to a same-structured tree of PartitionSpecs."""
+def _key(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _path_name(path) -> str:
+    return "/".join(_key(k) for k in path)
+
+
+def state_specs(state, rules: Mapping[str, MeshAxes], mesh_sizes: Mapping[str, int]):
+    """Maps an (abstract) nnx.State, or any tree of nnx.Variables, to PartitionSpecs.
+
+    A Variable without `logical_axes` metadata (e.g. the routing bias) and a bare array leaf
+    (e.g. an optimizer's step count) are replicated.
+    """
 
     def one(path, var):
-        name = "/".join(str(p) for p in path)
         value = var.get_value() if isinstance(var, nnx.Variable) else var
-        return spec_for(name, tuple(value.shape), _logical_axes(var), rules, mesh_sizes)
+        shape = tuple(getattr(value, "shape", ()))
+        return spec_for(_path_name(path), shape, _logical_axes(var), rules, mesh_sizes)
 
-    return jax.tree.map_with_path(
-        lambda p, v: one(tuple(getattr(k, "key", getattr(k, "name", k)) for k in p), v),
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+    return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, MeshAxes]):
-    """NamedSharding for every leaf of an (abstract) model state."""
+def param_shardings(state, mesh: Mesh | AbstractMesh, rules: Mapping[str, MeshAxes]):
+    """NamedSharding for every leaf of an (abstract) model state (see `state_specs`).
+
+    Optimizer states built by optax over an nnx.State keep the Variables (and their metadata),
+    so `param_shardings(opt_state, ...)` shards Adam's moments like their parameters.
+    """
     specs = state_specs(state, rules, dict(mesh.shape))
     return jax.tree.map(
         lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
+
+
+def tree_shardings_like(tree, params, param_sharding_tree, mesh: Mesh | AbstractMesh):
+    """Shardings for a tree of bare arrays (e.g. an optax state over a pure dict of params).
+
+    A leaf whose path ends with a parameter's path and has its shape (Adam's mu and nu under
+    `.../mu/<param path>`) takes that parameter's sharding; every other leaf (step counts,
+    scalars) is replicated.
+
+    Args:
+      tree: the tree to shard (arrays or ShapeDtypeStructs).
+      params: the parameters as a tree of arrays (the keys the optimizer saw).
+      param_sharding_tree: same structure as `params`, NamedShardings.
+      mesh: the mesh for replicated leaves.
+    Returns:
+      A tree of NamedShardings with the structure of `tree`.
+    """
+    by_path = {}
+    flat_p = jax.tree_util.tree_leaves_with_path(params)
+    flat_s = jax.tree.leaves(param_sharding_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sharding in zip(flat_p, flat_s, strict=True):
+        by_path[tuple(_key(k) for k in path)] = (tuple(leaf.shape), sharding)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        keys = tuple(_key(k) for k in path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[0] == shape:
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_spec(rules: Mapping[str, MeshAxes], mesh_sizes: Mapping[str, int]) -> PartitionSpec:
+    """PartitionSpec of a [B, T] batch: B over the rules' `batch` mesh axes, T replicated."""
+    axes = tuple(a for a in _flat(rules.get("batch")) if a in mesh_sizes)
+    return PartitionSpec(axes or None, None)
+
+
+def batch_sharding(mesh: Mesh | AbstractMesh, rules: Mapping[str, MeshAxes]) -> NamedSharding:
+    """NamedSharding of a [B, T] batch (see `batch_spec`)."""
+    return NamedSharding(mesh, batch_spec(rules, dict(mesh.shape)))

@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from deepseek_jax.sharding.pipeline import lockstep_tables, pipeline_grads
 from deepseek_jax.sharding.schedules import (
     dualpipe_schedule,
     one_f_one_b_schedule,
     zb1p_schedule,
 )
-
 from deepseek_jax.testing import MODEL_FP32, assert_close
 
 D, B_MB = 8, 3

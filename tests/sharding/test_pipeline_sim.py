@@ -5,6 +5,7 @@ import importlib.util
 import pathlib
 
 import pytest
+
 from deepseek_jax.sharding.pipeline_sim import (
     Costs,
     report_activations,

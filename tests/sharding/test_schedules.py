@@ -4,6 +4,7 @@ import collections
 import dataclasses
 
 import pytest
+
 from deepseek_jax.sharding.schedules import (
     DUALPIPE_PHASES,
     Op,

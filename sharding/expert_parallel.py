@@ -1,0 +1,554 @@
+"""Expert parallelism: the routed experts of DeepSeekMoE under `jax.shard_map`.
+
+Tokens arrive split over the batch axes X (every data-like mesh axis, the expert axis included:
+outside the routed experts EP ranks act as data-parallel ranks, as in DeepSeek's training). Each
+device routes its own tokens, sends every (token, expert) assignment to the device that owns the
+expert with an all-to-all over the `expert` axis (P devices, E/P experts each), runs its local
+experts as one grouped matmul, sends the results back and forms the gated sum. Three exchanges:
+
+  * `ragged`          - dropless: `jax.lax.ragged_all_to_all` moves exactly the assignments each
+                        device routes (GPU/TPU; XLA:CPU has no ragged-all-to-all);
+  * `ragged_emulated` - the same offsets and sizes, the transfer done by an all-gather (P times
+                        the traffic) so that CPU runs and tests can hold the ragged plan exact;
+  * `capacity`        - a fixed [P, C, D] buffer and `jax.lax.all_to_all`, C slots per (source,
+                        destination) device pair. Overflow applies V2's device-level dropping
+                        (Sec. 2.2.3): the lowest-affinity assignments bound for a full device go.
+
+Node-limited routing (V3 Sec. 2.1.2; V2's device-limited routing): the gate's `n_group` expert
+groups lie along the expert axis, group g on the contiguous devices [g P/G, (g+1) P/G) - a
+"node" - so the group-limited gate's `topk_group` caps the nodes a token reaches
+(`nodes_per_token`). Expert counts leave the shard_map sharded over the batch, so every sum of
+them (the bias update's load) is over the whole mesh, not one shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+from collections.abc import Iterator, Mapping
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.gate import Routing
+from deepseek_jax.sharding.logical import MeshAxes, current_rules
+
+Exchange = Literal["ragged", "ragged_emulated", "capacity"]
+EP_IMPLS = ("ep", "ep_ragged", "ep_ragged_emulated", "ep_capacity")
+_RAGGED_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+_EXCHANGE: contextvars.ContextVar[tuple[Exchange, float | None] | None] = contextvars.ContextVar(
+    "deepseek_jax_ep_exchange", default=None
+)
+
+
+def _flat(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _axis_arg(axes: tuple[str, ...]) -> str | tuple[str, ...]:
+    return axes[0] if len(axes) == 1 else axes
+
+
+class EPLayout(NamedTuple):
+    """How the routed-expert block lies on the mesh (derived from the mesh and the rules)."""
+
+    batch_axes: tuple[str, ...]  # X: mesh axes the tokens are split over
+    expert_axes: tuple[str, ...]  # mesh axes the experts are split over (one EP group)
+    ffn_axes: tuple[str, ...]  # mesh axes splitting an expert's hidden F (partial sums)
+    embed_axes: tuple[str, ...]  # mesh axes splitting the weights' D (FSDP: gathered inside)
+    batch_shards: int  # product of the batch axes' sizes
+    ep_size: int  # P: devices per EP group
+
+    @property
+    def varying_axes(self) -> tuple[str, ...]:
+        """Axes the expert computation varies over: tokens (batch) and F slices (ffn)."""
+        return self.batch_axes + tuple(a for a in self.ffn_axes if a not in self.batch_axes)
+
+
+def ep_layout(mesh_shape: Mapping[str, int], rules: Mapping[str, MeshAxes]) -> EPLayout:
+    """Derives the EP layout and checks that the rules allow one.
+
+    Args:
+      mesh_shape: mesh axis name -> size.
+      rules: the logical-axis table (`batch`, `experts`, `expert_mlp`, `embed` are read).
+    Raises:
+      ValueError naming the rule when an expert axis is not a batch axis (each EP rank must own
+      distinct tokens) or when an expert's hidden dimension is split over a batch axis.
+    """
+    batch = tuple(a for a in _flat(rules.get("batch")) if a in mesh_shape)
+    experts = _flat(rules.get("experts"))
+    ffn = _flat(rules.get("expert_mlp"))
+    embed = _flat(rules.get("embed"))
+    for a in experts + ffn + embed:
+        if a not in mesh_shape:
+            raise ValueError(f"sharding rules: {a!r} (experts/expert_mlp/embed) is not a mesh axis")
+    missing = [a for a in experts if a not in batch and mesh_shape[a] > 1]
+    if missing:
+        raise ValueError(
+            f"sharding rules: 'experts' -> {experts} but 'batch' -> {batch} lacks {missing}; "
+            "expert parallelism needs the tokens split over the expert axes too"
+        )
+    clash = [a for a in ffn if a in batch and mesh_shape[a] > 1]
+    if clash:
+        raise ValueError(
+            f"sharding rules: 'expert_mlp' -> {ffn} uses batch axes {clash}; split F over an "
+            "axis the tokens are replicated on (e.g. 'tensor')"
+        )
+    return EPLayout(
+        batch_axes=batch,
+        expert_axes=experts,
+        ffn_axes=ffn,
+        embed_axes=embed,
+        batch_shards=math.prod(mesh_shape[a] for a in batch),
+        ep_size=math.prod(mesh_shape[a] for a in experts),
+    )
+
+
+def _context() -> tuple[Mapping[str, MeshAxes], dict[str, int]] | None:
+    rules = current_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return None
+    return rules, dict(mesh.shape)
+
+
+def ep_active() -> bool:
+    """True under `use_rules` and a context mesh that splits the tokens or experts."""
+    ctx = _context()
+    if ctx is None:
+        return False
+    layout = ep_layout(ctx[1], ctx[0])
+    return layout.batch_shards > 1 or layout.ep_size > 1
+
+
+@contextlib.contextmanager
+def use_exchange(exchange: Exchange, *, buffer_factor: float | None = None) -> Iterator[None]:
+    """Overrides the exchange of impl='ep' (e.g. 'ragged' to plan a GPU run on CPU).
+
+    Args:
+      exchange: 'ragged' | 'ragged_emulated' | 'capacity'.
+      buffer_factor: receive rows of the ragged paths as a multiple of the mean load M_l K
+        (see `ragged_buffer_rows`); None keeps the worst case, which never drops.
+    """
+    if exchange not in ("ragged", "ragged_emulated", "capacity"):
+        raise ValueError(f"exchange={exchange!r}: allowed ragged, ragged_emulated, capacity")
+    if buffer_factor is not None and buffer_factor <= 0:
+        raise ValueError(f"buffer_factor={buffer_factor} must be positive or None")
+    token = _EXCHANGE.set((exchange, buffer_factor))
+    try:
+        yield
+    finally:
+        _EXCHANGE.reset(token)
+
+
+def default_exchange(cfg: ModelConfig, backend: str | None = None) -> Exchange:
+    """The exchange of impl='ep': `use_exchange`'s if set; `capacity` when cfg.moe_impl is
+    'capacity'; else dropless, the real ragged all-to-all where the backend has it (GPU/TPU)."""
+    if _EXCHANGE.get() is not None:
+        return _EXCHANGE.get()[0]
+    if cfg.moe_impl == "capacity":
+        return "capacity"
+    backend = jax.default_backend() if backend is None else backend
+    return "ragged" if backend in _RAGGED_BACKENDS else "ragged_emulated"
+
+
+def exchange_for_impl(impl: str, cfg: ModelConfig) -> Exchange:
+    """Maps an MoE impl ('ep', 'ep_ragged', 'ep_ragged_emulated', 'ep_capacity') to an exchange."""
+    if impl not in EP_IMPLS:
+        raise ValueError(f"MoE impl={impl!r} is not expert-parallel; allowed: {EP_IMPLS}")
+    return default_exchange(cfg) if impl == "ep" else impl[3:]  # type: ignore[return-value]
+
+
+def check_node_alignment(cfg: ModelConfig, ep_size: int) -> int:
+    """Devices per node (expert group) on the expert axis; raises if groups straddle devices.
+
+    Node-limited routing bounds a token's destinations only when each of the `n_group` groups
+    covers whole devices (P % G == 0) or each device holds whole groups (G % P == 0).
+    """
+    G = cfg.n_group
+    if ep_size % G and G % ep_size:
+        raise ValueError(
+            f"ModelConfig.n_group={G} and expert-parallel size {ep_size}: one must divide the "
+            "other so that every expert group (node) covers whole devices"
+        )
+    return max(1, ep_size // G)
+
+
+def nodes_per_token(experts: jax.Array, cfg: ModelConfig, ep_size: int) -> jax.Array:
+    """Distinct nodes each token is sent to: experts [M, K] -> [M] int32.
+
+    A node is the set of devices holding one expert group (one device when a device holds
+    several groups); with group-limited routing the count is at most `topk_group`.
+    """
+    per_node = check_node_alignment(cfg, ep_size)
+    device = experts // (cfg.n_routed_experts // ep_size)  # [M, K]
+    n_nodes = ep_size // per_node
+    hit = jax.nn.one_hot(device // per_node, n_nodes, dtype=jnp.int32).max(axis=1)  # [M, nodes]
+    return hit.sum(-1)
+
+
+def capacity_per_device(tokens: int, cfg: ModelConfig, ep_size: int) -> int:
+    """C: slots per (source, destination) device pair, ceil(capacity_factor * M_l * K / P)."""
+    return max(1, math.ceil(cfg.capacity_factor * tokens * cfg.num_experts_per_tok / ep_size))
+
+
+def ragged_buffer_rows(
+    tokens: int, cfg: ModelConfig, ep_size: int, factor: float | None = None
+) -> int:
+    """Receive rows of the ragged exchange on each device.
+
+    A token sends at most min(K, E/P) assignments to one device, so P M_l min(K, E/P) rows never
+    overflow (factor None). That is P times the mean load M_l K - for V3 on EP64, 15 GiB of bf16
+    rows - so at scale a `factor` (e.g. 2: twice the mean load, which the bias-balanced router
+    stays under) bounds it; rows past the buffer are dropped and counted in MoEStats.dropped.
+    """
+    E_l = cfg.n_routed_experts // ep_size
+    worst = ep_size * tokens * min(cfg.num_experts_per_tok, E_l)
+    if factor is None:
+        return worst
+    return min(worst, max(1, math.ceil(factor * tokens * cfg.num_experts_per_tok)))
+
+
+def global_expert_load(expert_counts: jax.Array) -> jax.Array:
+    """[..., B, E] per-sequence counts -> [..., E] summed over the global batch, replicated.
+
+    The counts leave the EP shard_map split over the batch axes, so this sum is an all-reduce
+    over the whole mesh; every replica then applies the same `gate.bias_update`.
+    """
+    load = expert_counts.sum(axis=-2)
+    if _context() is None:
+        return load
+    return jax.lax.with_sharding_constraint(load, P())
+
+
+# ---- the per-device plans (pure functions of local data, tested on their own) ----------------
+def capacity_layout(dest: jax.Array, weights: jax.Array, n_dev: int, capacity: int):
+    """Slots of the [P, C] send buffer for each assignment, with device-level dropping.
+
+    Args:
+      dest: [M, K] destination device of each (token, expert) assignment.
+      weights: [M, K] gating weights: within a device, higher weight gets the earlier slot.
+      n_dev: P, devices in the EP group; capacity: C, slots per destination device.
+    Returns:
+      (order [M*K] assignment ids sorted by destination, then by descending weight;
+       sorted_dest [M*K] their destinations; slot [M*K] their slots, C where dropped;
+       keep [M, K] whether each assignment got a slot).
+    """
+    M, K = dest.shape
+    flat_d = dest.reshape(-1)  # [M*K]
+    order = jnp.lexsort((-weights.reshape(-1), flat_d))
+    sorted_dest = flat_d[order]
+    counts = jnp.bincount(flat_d, length=n_dev)  # [P]
+    slot = jnp.arange(M * K) - (jnp.cumsum(counts) - counts)[sorted_dest]
+    keep_sorted = slot < capacity
+    slot = jnp.where(keep_sorted, slot, capacity)  # out of range: the scatters drop it
+    keep = jnp.zeros((M * K,), bool).at[order].set(keep_sorted).reshape(M, K)
+    return order, sorted_dest, slot, keep
+
+
+class RaggedPlan(NamedTuple):
+    """Offsets and sizes of one device's two ragged all-to-alls (all [P] int32 unless noted)."""
+
+    input_offsets: jax.Array  # start of my rows for device p in my expert-sorted rows
+    send_sizes: jax.Array  # rows I send to p (clipped to p's buffer)
+    output_offsets: jax.Array  # where those rows land in p's buffer
+    recv_sizes: jax.Array  # rows I receive from source q
+    recv_offsets: jax.Array  # where q's rows start in my buffer
+    return_offsets: jax.Array  # where my results for q land in q's expert-sorted rows
+    recv_expert: jax.Array  # [N] local expert of each buffer row (E/P marks an empty row)
+    dropped: jax.Array  # [] my assignments that did not fit a receiver's buffer
+
+
+def ragged_plan(counts: jax.Array, me: jax.Array, buffer_rows: int) -> RaggedPlan:
+    """Plans the dropless exchange from every device's per-expert counts.
+
+    Each device sorts its assignments by expert (so by destination: experts are contiguous per
+    device), and each receiver stacks its sources' rows in source order. The plan is a pure
+    function of the all-gathered counts, so no sizes need their own all-to-all.
+
+    Args:
+      counts: [P, E] assignments device q routes to expert e (the same array on every device).
+      me: [] this device's index on the expert axis.
+      buffer_rows: N, rows of the receive buffer; sources beyond it are clipped (dropped).
+    Returns:
+      The RaggedPlan of device `me`.
+    """
+    n_dev, E = counts.shape
+    E_l = E // n_dev
+    dev = counts.reshape(n_dev, n_dev, E_l).sum(-1)  # [src, dst]
+    at_dst = jnp.cumsum(dev, axis=0) - dev  # [src, dst] offset of src's rows in dst's buffer
+    allowed = jnp.clip(buffer_rows - at_dst, 0, dev)  # [src, dst] rows that fit
+    at_src = jnp.cumsum(dev, axis=1) - dev  # [src, dst] offset of dst's rows in src's rows
+    # The rows I receive are source-major, expert-minor (each source sorted by expert); clipping
+    # keeps a prefix, so the kept rows per (source, expert) follow from the counts.
+    mine = jax.lax.dynamic_slice_in_dim(counts, me * E_l, E_l, axis=1)  # [src, E_l]
+    before = jnp.cumsum(mine, axis=1) - mine
+    kept = jnp.clip(allowed[:, me][:, None] - before, 0, mine)  # [src, E_l]
+    ends = jnp.cumsum(kept.reshape(-1))  # [src * E_l]
+    seg = jnp.searchsorted(ends, jnp.arange(buffer_rows), side="right")  # [N]
+    recv_expert = jnp.where(seg < n_dev * E_l, seg % E_l, E_l).astype(jnp.int32)
+    i32 = lambda a: a.astype(jnp.int32)
+    return RaggedPlan(
+        input_offsets=i32(at_src[me]),
+        send_sizes=i32(allowed[me]),
+        output_offsets=i32(at_dst[me]),
+        recv_sizes=i32(allowed[:, me]),
+        recv_offsets=i32(at_dst[:, me]),
+        return_offsets=i32(at_src[:, me]),
+        recv_expert=recv_expert,
+        dropped=(dev[me] - allowed[me]).sum(),
+    )
+
+
+def ragged_all_to_all_emulated(
+    operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
+):
+    """`jax.lax.ragged_all_to_all` built from all-gathers, for backends without it (XLA:CPU).
+
+    Same arguments and result; every device gathers all operands (P times the traffic of the
+    real collective), so it is for tests and CPU runs, not for measuring communication.
+    """
+    del recv_sizes  # implied by the senders' sizes, as in the real collective
+    ops = jax.lax.all_gather(operand, axis_name)  # [P, N, ...]
+    starts = jax.lax.all_gather(input_offsets, axis_name)  # [src, dst]
+    sizes = jax.lax.all_gather(send_sizes, axis_name)
+    lands = jax.lax.all_gather(output_offsets, axis_name)
+    me = jax.lax.axis_index(axis_name)
+    n_src, n = ops.shape[:2]
+    j = jnp.arange(n)[None, :]  # [1, N] row within a sent slice
+    valid = j < sizes[:, me][:, None]  # [src, N]
+    src_row = jnp.clip(starts[:, me][:, None] + j, 0, n - 1)
+    dst_row = jnp.where(valid, lands[:, me][:, None] + j, output.shape[0])  # OOB -> dropped
+    rows = ops[jnp.arange(n_src)[:, None], src_row]  # [src, N, ...]
+    flat = rows.reshape((n_src * n,) + operand.shape[1:])
+    return output.at[dst_row.reshape(-1)].set(flat, mode="drop")
+
+
+# ---- the shard_map body ----------------------------------------------------------------------
+def _varying(a) -> set[str]:
+    """Manual mesh axes `a` varies over (the aval's `mat.varying`, `vma` in other versions)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
+
+
+def _varying_over(axes: tuple[str, ...], *arrays):
+    """Casts arrays to vary over every one of `axes` (shard_map's varying manual axes).
+
+    A custom-VJP kernel (the grouped matmul) must return cotangents typed like its inputs, but a
+    cotangent can vary over more axes than its primal (a weight replicated over `data` gets a
+    gradient per data shard, a token row one per tensor rank). Inputs that already vary over
+    every axis a cotangent can (`EPLayout.varying_axes`) avoid the mismatch; the cast's
+    transpose is the psum that sums such a gradient over the shards (data parallelism).
+    """
+
+    def cast(a):
+        missing = tuple(ax for ax in axes if ax not in _varying(a))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return [cast(a) for a in arrays]
+
+
+def _local_experts(xs, local_ids, w_gate, w_up, w_down, *, axes=(), fp8: bool = False):
+    """SwiGLU of rows xs [N, D] by their local experts (ids in [0, E_l]; E_l = empty) -> [N, D].
+
+    `axes`: the shard_map's manual axes (see `_varying_over`).
+    """
+    from deepseek_jax.moe import grouped_matmul  # moe imports this module; import at use
+
+    E_l = w_gate.shape[0]
+    order = jnp.argsort(local_ids, stable=True)
+    sizes = jnp.bincount(local_ids, length=E_l + 1)[:E_l].astype(jnp.int32)  # empties last
+    xs_sorted, w_gate, w_up, w_down = _varying_over(axes, xs[order], w_gate, w_up, w_down)
+    h = jax.nn.silu(grouped_matmul(xs_sorted, w_gate, sizes, fp8))
+    h = h * grouped_matmul(xs_sorted, w_up, sizes, fp8)  # [N, F] (rows past the groups are 0)
+    ys = grouped_matmul(h, w_down, sizes, fp8)  # [N, D]
+    return jnp.zeros_like(ys).at[order].set(ys)
+
+
+def _all_to_all(x, axes):
+    if not axes:
+        return x
+    return jax.lax.all_to_all(x, _axis_arg(axes), 0, 0, tiled=True)  # [P, ...] blocks swap
+
+
+def _capacity_exchange(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig, capacity: int):
+    """Fixed-capacity dispatch/combine; returns ([M, D] routed sum, dropped count)."""
+    M, K = r.experts.shape
+    D, E_l, n_dev, axes = xc.shape[-1], ws[0].shape[0], layout.ep_size, layout.expert_axes
+    order, sorted_dest, slot, keep = capacity_layout(r.experts // E_l, r.weights, n_dev, capacity)
+    sorted_e = r.experts.reshape(-1)[order]
+    send = jnp.zeros((n_dev, capacity, D), xc.dtype)
+    send = send.at[sorted_dest, slot].set(xc[order // K], mode="drop")  # [P, C, D]
+    ids = jnp.full((n_dev, capacity), E_l, jnp.int32)
+    ids = ids.at[sorted_dest, slot].set(sorted_e % E_l, mode="drop")  # [P, C]
+    recv = _all_to_all(send, axes).reshape(n_dev * capacity, D)  # block q came from source q
+    recv_ids = _all_to_all(ids, axes).reshape(-1)
+    y = _local_experts(recv, recv_ids, *ws, axes=layout.varying_axes, fp8=cfg.fp8)
+    back = _all_to_all(y.reshape(n_dev, capacity, D), axes)  # block p was computed on p
+    ys = back.at[sorted_dest, slot].get(mode="fill", fill_value=0)  # [M*K, D], sorted order
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(M, K, D)
+    return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), (~keep).sum()
+
+
+def _ragged_exchange(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig, buffer_rows, a2a):
+    """Dropless dispatch/combine with ragged all-to-alls; returns ([M, D], dropped count)."""
+    M, K = r.experts.shape
+    D, E_l, manual = xc.shape[-1], ws[0].shape[0], layout.varying_axes
+    flat_e = r.experts.reshape(-1)  # [M*K]
+    order = jnp.argsort(flat_e, stable=True)  # by expert, hence by destination device
+    xs = xc[order // K]  # [M*K, D]
+    counts = jnp.bincount(flat_e, length=layout.ep_size * E_l).astype(jnp.int32)  # [E]
+    axis = _axis_arg(layout.expert_axes)
+    p = ragged_plan(jax.lax.all_gather(counts, axis), jax.lax.axis_index(axis), buffer_rows)
+    # The collective types its result like its `output` buffer: a buffer that varies over every
+    # axis the data does keeps the received rows typed per device (else the autodiff casts of
+    # `_varying_over` would psum their cotangents across devices).
+    buf, back_buf = _varying_over(
+        manual, jnp.zeros((buffer_rows, D), xs.dtype), jnp.zeros((M * K, D), xs.dtype)
+    )
+    recv = a2a(
+        xs, buf, p.input_offsets, p.send_sizes, p.output_offsets, p.recv_sizes, axis_name=axis
+    )
+    y = _local_experts(recv, p.recv_expert, *ws, axes=manual, fp8=cfg.fp8)  # [N, D]
+    back = a2a(
+        y, back_buf, p.recv_offsets, p.recv_sizes, p.return_offsets, p.send_sizes, axis_name=axis
+    )  # [M*K, D] expert-sorted; rows that did not fit stay 0
+    y = jnp.zeros_like(back).at[order].set(back).reshape(M, K, D)
+    return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), p.dropped
+
+
+def _local_dropless(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig):
+    """One device per EP group: the dropless sort on local experts, nothing to exchange."""
+    M, K = r.experts.shape
+    rows = xc[jnp.arange(M * K) // K]  # [M*K, D] one row per assignment
+    y = _local_experts(rows, r.experts.reshape(-1), *ws, axes=layout.varying_axes, fp8=cfg.fp8)
+    y = y.reshape(M, K, -1)
+    return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), jnp.zeros((), jnp.int32)
+
+
+def _gather(w, axes, dim):
+    """FSDP: all-gather a weight's D over `axes` (its transpose is a reduce-scatter)."""
+    return jax.lax.all_gather(w, _axis_arg(axes), axis=dim, tiled=True) if axes else w
+
+
+def _ep_body(gate_w, gate_rest, x, w_gate, w_up, w_down, *, gate_def, cfg, layout, exchange, sizes):
+    """One device's routed experts: x [B_l, T, D] -> (routed, routing, dropped count)."""
+    B_l, T, D = x.shape
+    xf = x.reshape(B_l * T, D)  # [M_l, D]
+    D_ax = layout.embed_axes
+    gate_w = jax.tree.map(lambda w: _gather(w, D_ax, 0), gate_w)  # [D, E]
+    r = nnx.merge(gate_def, gate_w, gate_rest)(xf)  # the gate runs on local tokens, in fp32
+    xc = xf.astype(cfg.compute_dtype)
+    ws = (_gather(w_gate, D_ax, 1), _gather(w_up, D_ax, 1), _gather(w_down, D_ax, 2))
+    if exchange == "capacity":
+        routed, dropped = _capacity_exchange(xc, r, ws, layout, cfg, sizes)
+    elif layout.ep_size == 1:
+        routed, dropped = _local_dropless(xc, r, ws, layout, cfg)
+    else:
+        a2a = ragged_all_to_all_emulated if exchange == "ragged_emulated" else None
+        a2a = a2a or jax.lax.ragged_all_to_all
+        routed, dropped = _ragged_exchange(xc, r, ws, layout, cfg, sizes, a2a)
+    if layout.ffn_axes:  # each rank holds a slice of F: its outputs are partial sums
+        routed = jax.lax.psum(routed, _axis_arg(layout.ffn_axes))
+    if layout.batch_axes:
+        dropped = jax.lax.psum(dropped, _axis_arg(layout.batch_axes))
+    local = Routing(*(a.reshape(B_l, T, -1) for a in (r.weights, r.experts, r.scores)))
+    return routed.reshape(B_l, T, D), local, dropped
+
+
+def expert_parallel_routed(
+    gate: nnx.Module,
+    x: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    cfg: ModelConfig,
+    *,
+    exchange: Exchange,
+    buffer_rows: int | None = None,
+) -> tuple[jax.Array, Routing, jax.Array]:
+    """Routes and runs the routed experts under `jax.shard_map` on the context mesh.
+
+    Communication plan (scaling-book notation; X = the batch axes, E over `expert` with P
+    devices, F over the `expert_mlp` axes Y when set, M_l = B_l T local tokens):
+
+        x[B_X, T, D]; W_g[D_Z, E], W[E_P, D_Z, F_Y]   Z = the `embed` (FSDP) axes
+        W_g, W -> all_gather(Z) -> [D, ...]   FSDP; the transpose is a reduce-scatter over Z
+        s[B_X T, E] = x W_g; top-K            local routing (group-limited, node-limited)
+        dispatch  a[M_l K, D] -> all_to_all(expert) -> a[P x rows_from_q, D]
+                  capacity: [P, C, D] + ids [P, C]    ragged: exactly M_l K rows each way
+        experts   h = SwiGLU(a; W_gate/up[E_P, D, F_Y], W_down[E_P, F_Y, D])  grouped matmul
+        combine   y[P x rows, D] -> all_to_all(expert) -> y[M_l K, D]
+        out[B_X T, D] = sum_k g_k y_k; psum_Y(out) when F is split over Y
+        dropped: psum_X of the local count
+
+    Bytes per device per layer, forward (the backward repeats the two exchanges, and a full
+    remat recomputes the forward's): capacity 2 P C D b + 4 P C (ids); ragged 2 M_l K D b plus
+    an all-gather of the [E] int32 counts (the real collective sends (P-1)/P of it off-device).
+
+    Args:
+      gate: the MoE's Gate module (split and merged inside the shard_map).
+      x: [B, T, D] tokens, split over the batch axes.
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D] in the compute dtype.
+      cfg: model config (sizes, capacity_factor, compute dtype).
+      exchange: 'ragged' | 'ragged_emulated' | 'capacity'.
+      buffer_rows: receive rows of the ragged path (default `ragged_buffer_rows`, dropless).
+    Returns:
+      (routed [B, T, D], Routing with weights/experts [B*T, K] and scores [B*T, E],
+       dropped fraction [] of all (token, expert) assignments).
+    """
+    ctx = _context()
+    if ctx is None:
+        raise ValueError(
+            "expert-parallel MoE needs active sharding rules (sharding.logical.use_rules) and a "
+            "context mesh (jax.set_mesh or jax.sharding.use_abstract_mesh)"
+        )
+    rules, mesh_shape = ctx
+    layout = ep_layout(mesh_shape, rules)
+    B, T, D = x.shape
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    if B % layout.batch_shards:
+        raise ValueError(
+            f"batch size {B} is not divisible by the batch axes {layout.batch_axes} "
+            f"(total size {layout.batch_shards})"
+        )
+    if E % layout.ep_size:
+        raise ValueError(
+            f"ModelConfig.n_routed_experts={E} is not divisible by the expert axes "
+            f"{layout.expert_axes} (total size {layout.ep_size})"
+        )
+    if exchange not in ("ragged", "ragged_emulated", "capacity"):
+        raise ValueError(f"exchange={exchange!r}: allowed ragged, ragged_emulated, capacity")
+    tokens = B // layout.batch_shards * T
+    if exchange == "capacity":
+        sizes = capacity_per_device(tokens, cfg, layout.ep_size)
+    else:
+        factor = None if _EXCHANGE.get() is None else _EXCHANGE.get()[1]
+        sizes = buffer_rows or ragged_buffer_rows(tokens, cfg, layout.ep_size, factor)
+    gate_def, gate_w, gate_rest = nnx.split(gate, nnx.Param, ...)
+    X = layout.batch_axes or None
+    EX = layout.expert_axes or None
+    F = layout.ffn_axes or None
+    D_ax = layout.embed_axes or None
+    gate_spec = jax.tree.map(lambda _: P(D_ax, None), gate_w)  # router e_i: [D, E]
+    body = functools.partial(
+        _ep_body, gate_def=gate_def, cfg=cfg, layout=layout, exchange=exchange, sizes=sizes
+    )
+    out_routing = Routing(P(X), P(X), P(X))
+    routed, r, dropped = jax.shard_map(
+        body,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(gate_spec, P(), P(X), P(EX, D_ax, F), P(EX, D_ax, F), P(EX, F, D_ax)),
+        out_specs=(P(X), out_routing, P()),
+    )(gate_w, gate_rest, x, w_gate, w_up, w_down)
+    flat = Routing(*(a.reshape(B * T, -1) for a in r))  # [M, K], [M, K], [M, E]
+    return routed, flat, dropped.astype(jnp.float32) / (B * T * K)

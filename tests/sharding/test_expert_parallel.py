@@ -1,0 +1,293 @@
+"""The expert-parallel MoE block: dispatch plans, exchanges, dropping, bytes, node limits.
+
+Eight emulated CPU devices. XLA:CPU cannot run `ragged_all_to_all`, so the dropless path is
+proven three ways: its offset/size plan against the capacity path's layout (numpy), its
+all-gather emulation run end to end against the single-device reference (forward and
+gradients), and the real collective lowered (not compiled) with the same code.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepseek_jax.config import load_preset
+from deepseek_jax.gate import Routing, route
+from deepseek_jax.moe import MoE, routed_dropless
+from deepseek_jax.plan import collectives_from_jaxpr, collectives_from_stablehlo
+from deepseek_jax.sharding import expert_parallel as ep
+from deepseek_jax.sharding.logical import use_rules
+from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
+from deepseek_jax.sharding.rules import get_rules
+from deepseek_jax.testing import MODEL_FP32, assert_close, tolerance
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+B, T = 8, 6  # 48 tokens, 6 per device on the 8-way batch split
+
+
+@pytest.fixture(scope="module")
+def block():
+    cfg = load_preset("v3-tiny")  # E=8, K=2, 4 groups of 2, topk_group=2, fp32
+    moe = MoE(cfg, rngs=nnx.Rngs(1))
+    # A random selection bias spreads the routing over all experts and groups.
+    moe.gate.bias[...] = 0.3 * jax.random.normal(jax.random.key(3), (cfg.n_routed_experts,))
+    x = jax.random.normal(jax.random.key(2), (B, T, cfg.hidden_size))
+    return cfg, moe, x
+
+
+def _context(mesh_cfg):
+    return make_mesh(mesh_cfg), get_rules(mesh_cfg.rules)
+
+
+def _out_and_grads(moe, x, impl, mesh_cfg=None):
+    """(output, stats, d/dx, d/dweights) of sum(out^2), jitted (under the mesh when given)."""
+
+    def loss(m, x):
+        out, stats = m(x, impl=impl)
+        return (out**2).sum(), (out, stats)
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    if mesh_cfg is None:
+        (g_m, g_x), (out, stats) = fn.lower(moe, x).compile(FAST_COMPILE)(moe, x)
+    else:
+        mesh, rules = _context(mesh_cfg)
+        with jax.set_mesh(mesh), use_rules(rules):
+            (g_m, g_x), (out, stats) = fn.lower(moe, x).compile(FAST_COMPILE)(moe, x)
+    return out, stats, g_x, nnx.state(g_m, nnx.Param)
+
+
+@pytest.fixture(scope="module")
+def reference(block):
+    cfg, moe, x = block
+    return _out_and_grads(moe, x, "dropless")
+
+
+# ---- per-device plans ---------------------------------------------------------------------
+def test_capacity_layout_drops_lowest_affinity_per_device():
+    # Five assignments (K=1) to device 0 and one to device 1; 2 slots per device.
+    dest = jnp.array([[0], [0], [1], [0], [0], [0]])
+    w = jnp.array([[0.1], [0.9], [0.3], [0.5], [0.7], [0.2]])
+    order, sorted_dest, slot, keep = ep.capacity_layout(dest, w, n_dev=2, capacity=2)
+    np.testing.assert_array_equal(np.asarray(keep[:, 0]), [0, 1, 1, 0, 1, 0])
+    np.testing.assert_array_equal(np.asarray(order), [1, 4, 3, 5, 0, 2])  # device, then -w
+    np.testing.assert_array_equal(np.asarray(sorted_dest), [0, 0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(np.asarray(slot), [0, 1, 2, 2, 2, 0])  # 2 = dropped
+
+
+def _simulate_ragged(experts_per_src, E, n_dev, buffer_rows):
+    """Runs every device's RaggedPlan through a numpy model of ragged_all_to_all.
+
+    Payload rows are (source, assignment id, expert), so where each row lands can be checked.
+    """
+    counts = np.stack([np.bincount(e.reshape(-1), minlength=E) for e in experts_per_src])
+    plan = jax.jit(ep.ragged_plan, static_argnums=2)
+    plans = [plan(jnp.asarray(counts), jnp.int32(me), buffer_rows) for me in range(n_dev)]
+    plans = [jax.tree.map(np.asarray, p) for p in plans]
+    bufs = [np.full((buffer_rows, 3), -1) for _ in range(n_dev)]
+    for q, (e, p) in enumerate(zip(experts_per_src, plans, strict=True)):
+        flat = e.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        rows = np.stack([np.full_like(order, q), order, flat[order]], 1)  # expert-sorted rows
+        for d in range(n_dev):
+            n, src, dst = p.send_sizes[d], p.input_offsets[d], p.output_offsets[d]
+            assert n == plans[d].recv_sizes[q]  # ragged_all_to_all's size contract
+            assert dst == plans[d].recv_offsets[q]
+            bufs[d][dst : dst + n] = rows[src : src + n]
+    return counts, plans, bufs
+
+
+@pytest.mark.parametrize("buffer_rows", [None, 10], ids=["worst_case", "clipped"])
+def test_ragged_plan_matches_capacity_layout(buffer_rows):
+    n_dev, E, M, K = 4, 8, 6, 2
+    rng = np.random.default_rng(0)
+    experts = [np.stack([rng.choice(E, K, replace=False) for _ in range(M)]) for _ in range(n_dev)]
+    E_l = E // n_dev
+    rows = buffer_rows or n_dev * M * min(K, E_l)
+    counts, plans, bufs = _simulate_ragged(experts, E, n_dev, rows)
+    total_dropped = 0
+    for d in range(n_dev):
+        got = bufs[d][bufs[d][:, 0] >= 0]
+        # Every received row is for one of d's experts, and recv_expert names it.
+        assert np.all(got[:, 2] // E_l == d)
+        np.testing.assert_array_equal(plans[d].recv_expert[: len(got)], got[:, 2] % E_l)
+        assert np.all(plans[d].recv_expert[len(got) :] == E_l)  # empty rows
+        for q in range(n_dev):
+            # The capacity layout (ample C) puts source q's rows for d in block q of d's
+            # receive buffer; the ragged buffer holds the same assignments (a prefix if clipped).
+            dest = jnp.asarray(experts[q] // E_l)
+            order, sd, slot, keep = ep.capacity_layout(dest, jnp.ones((M, K)), n_dev, M * K)
+            cap_rows = set(np.asarray(order)[np.asarray(sd) == d].tolist())
+            rag_rows = set(got[got[:, 0] == q][:, 1].tolist())
+            assert rag_rows <= cap_rows
+            if buffer_rows is None:
+                assert rag_rows == cap_rows
+        total_dropped += int(plans[d].dropped)
+    assert total_dropped == n_dev * M * K - sum(int((b[:, 0] >= 0).sum()) for b in bufs)
+    assert (total_dropped > 0) == (buffer_rows is not None)
+
+
+def test_emulated_ragged_all_to_all_matches_jax_docstring_example():
+    # The example of jax.lax.ragged_all_to_all's docstring, on a 2-device axis.
+    mesh = jax.make_mesh(
+        (2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2]
+    )
+    args = [
+        jnp.array([[1, 2, 2], [3, 4, 0]]),  # operand
+        jnp.zeros((2, 4), jnp.int32),  # output
+        jnp.array([[0, 1], [0, 1]]),  # input_offsets
+        jnp.array([[1, 2], [1, 1]]),  # send_sizes
+        jnp.array([[0, 0], [1, 2]]),  # output_offsets
+        jnp.array([[1, 1], [2, 1]]),  # recv_sizes
+    ]
+    P = jax.P("x")
+    f = jax.shard_map(
+        lambda *a: ep.ragged_all_to_all_emulated(*(v[0] for v in a), axis_name="x")[None],
+        mesh=mesh,
+        in_specs=(P,) * 6,
+        out_specs=P,
+    )
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(*args)), [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+
+# ---- the block under shard_map --------------------------------------------------------------
+EP_CASES = [
+    ("ep_ragged_emulated", MeshConfig(data=2, fsdp=1, expert=4, rules="ep")),
+    ("ep_capacity", MeshConfig(fsdp=2, expert=4, rules="fsdp_ep")),
+]
+
+
+@pytest.mark.parametrize("impl,mesh_cfg", EP_CASES, ids=[c[0] for c in EP_CASES])
+def test_ep_block_equals_dropless_reference(block, reference, impl, mesh_cfg):
+    cfg, moe, x = block
+    if impl == "ep_capacity":  # C = M_l K cf / P >= M_l min(K, E/P): no device can overflow
+        moe = nnx.merge(*nnx.split(moe))
+        moe.cfg = cfg.replace(capacity_factor=4.0)
+    out, stats, g_x, g_w = _out_and_grads(moe, x, impl, mesh_cfg)
+    ref_out, ref_stats, ref_gx, ref_gw = reference
+    assert float(stats.dropped) == 0.0
+    assert_close(out, ref_out, **MODEL_FP32)
+    assert_close(g_x, ref_gx, **MODEL_FP32)
+    jax.tree.map(lambda a, b: assert_close(a, b, **MODEL_FP32), g_w, ref_gw)
+    # Per-sequence counts come back whole; their sum is the global (whole-mesh) load.
+    np.testing.assert_array_equal(np.asarray(stats.expert_counts), ref_stats.expert_counts)
+    np.testing.assert_array_equal(
+        np.asarray(ep.global_expert_load(stats.expert_counts)), ref_stats.expert_counts.sum(0)
+    )
+
+
+def test_capacity_overflow_drops_lowest_affinity_and_reports_fraction(block):
+    cfg, moe, x = block
+    moe = nnx.merge(*nnx.split(moe))
+    moe.cfg = small = cfg.replace(capacity_factor=0.5)
+    mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
+    mesh, rules = _context(mesh_cfg)
+    with jax.set_mesh(mesh), use_rules(rules):
+        out, stats = jax.jit(lambda m, x: m(x, impl="ep_capacity"))(moe, x)
+    # Expected, per source device: its tokens are a contiguous 1/8 of the batch; C slots per
+    # destination device; within a destination the highest gating weights win.
+    xf = x.reshape(-1, cfg.hidden_size)
+    r = moe.gate(xf)
+    n_src, P = 8, 4
+    M_l = xf.shape[0] // n_src
+    C = ep.capacity_per_device(M_l, small, P)
+    keep = []
+    for s in range(n_src):
+        sl = slice(s * M_l, (s + 1) * M_l)
+        dest = r.experts[sl] // (cfg.n_routed_experts // P)
+        keep.append(np.asarray(ep.capacity_layout(dest, r.weights[sl], P, C)[3]))
+    keep = np.concatenate(keep)
+    assert 0 < keep.mean() < 1
+    assert float(stats.dropped) == pytest.approx(1 - keep.mean())
+    kept = Routing(r.weights * keep, r.experts, r.scores)
+    ws = (moe.w_gate[...], moe.w_up[...], moe.w_down[...])
+    expect = routed_dropless(xf, kept, *ws) + moe.shared(xf)
+    assert_close(out.reshape(xf.shape), expect, **tolerance(jnp.float32))
+
+
+def _lower_block(moe, x, impl, mesh_cfg, grad: bool):
+    mesh, rules = _context(mesh_cfg)
+
+    def loss(m, x):
+        return (m(x, impl=impl)[0] ** 2).sum()
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1)) if grad else lambda m, x: m(x, impl=impl)[0])
+    with jax.set_mesh(mesh), use_rules(rules):
+        traced = fn.trace(moe, x)
+        return traced, traced.lower()
+
+
+def test_all_to_all_bytes_match_analytic_count(block):
+    cfg, moe, x = block
+    mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
+    P, D = 4, cfg.hidden_size
+    M_l = B * T // 8
+    C = ep.capacity_per_device(M_l, cfg, P)
+    send = P * C * D * 4  # one [P, C, D] fp32 buffer
+    ids = P * C * 4  # its int32 expert ids
+    for grad, expect in ((False, 2 * send + ids), (True, 4 * send + ids)):
+        traced, lowered = _lower_block(moe, x, "ep_capacity", mesh_cfg, grad)
+        traced_bytes = collectives_from_jaxpr(traced.jaxpr, dict(make_mesh(mesh_cfg).shape))
+        hlo_bytes = collectives_from_stablehlo(lowered.as_text())
+        assert traced_bytes["all_to_all"].operand_bytes == expect
+        assert hlo_bytes["all_to_all"].operand_bytes == expect
+        assert traced_bytes["all_to_all"].wire_bytes == expect * (P - 1) / P
+
+
+def test_ragged_path_lowers_with_ragged_all_to_all(block):
+    # XLA:CPU cannot compile ragged-all-to-all, but the real path lowers with the same code.
+    cfg, moe, x = block
+    mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
+    traced, lowered = _lower_block(moe, x, "ep_ragged", mesh_cfg, grad=True)
+    hlo = collectives_from_stablehlo(lowered.as_text())
+    assert hlo["ragged_all_to_all"].count == 4  # dispatch + combine, and their transposes
+    traced_bytes = collectives_from_jaxpr(traced.jaxpr, dict(make_mesh(mesh_cfg).shape))
+    # Each device sends exactly its M_l K assignments each way, forward and backward.
+    M_l, K, D = B * T // 8, cfg.num_experts_per_tok, cfg.hidden_size
+    assert traced_bytes["ragged_all_to_all"].operand_bytes == 4 * M_l * K * D * 4
+    if jax.default_backend() == "cpu":
+        with pytest.raises(Exception, match="ragged"):
+            lowered.compile()
+
+
+# ---- node-limited routing, layouts, dispatch --------------------------------------------------
+def test_node_limited_routing_bounds_nodes_per_token(block):
+    cfg, moe, x = block
+    r = moe.gate(x.reshape(-1, cfg.hidden_size))
+    nodes = np.asarray(ep.nodes_per_token(r.experts, cfg, ep_size=8))  # 4 nodes of 2 devices
+    assert nodes.max() <= cfg.topk_group and nodes.max() == 2
+    # V3 at scale: 256 experts over EP64, 8 groups = 8 nodes of 8 devices, 4 nodes per token.
+    v3 = load_preset("deepseek-v3-671b")
+    logits = jax.random.normal(jax.random.key(0), (512, v3.n_routed_experts))
+    r = route(logits, None, v3)
+    nodes = np.asarray(ep.nodes_per_token(r.experts, v3, ep_size=64))
+    assert nodes.max() == v3.topk_group == 4
+    assert ep.check_node_alignment(v3, 64) == 8  # devices per node
+    odd = cfg.replace(n_routed_experts=12, n_group=3)
+    with pytest.raises(ValueError, match="n_group=3"):
+        ep.check_node_alignment(odd, 2)
+
+
+def test_layout_validation_names_the_rule():
+    sizes = {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1, "stage": 1}
+    with pytest.raises(ValueError, match="'batch'"):
+        ep.ep_layout(sizes, {"batch": ("data",), "experts": "expert"})
+    with pytest.raises(ValueError, match="expert_mlp"):
+        ep.ep_layout(sizes, {"batch": ("data", "expert"), "expert_mlp": "data"})
+    layout = ep.ep_layout(sizes, get_rules("fsdp_ep_tp"))
+    assert (layout.ep_size, layout.batch_shards, layout.ffn_axes) == (4, 8, ("tensor",))
+
+
+def test_moe_dispatches_to_expert_parallel_under_rules(block):
+    cfg, moe, x = block
+    assert not ep.ep_active()
+    mesh, rules = _context(MeshConfig(data=2, fsdp=1, expert=4, rules="ep"))
+    with jax.set_mesh(mesh), use_rules(rules):
+        assert ep.ep_active()
+        jaxpr = str(jax.make_jaxpr(lambda m, x: m(x))(moe, x))
+    assert "shard_map" in jaxpr and "all_gather" in jaxpr  # the CPU default: emulated ragged
+    assert ep.default_exchange(cfg, backend="gpu") == "ragged"
+    assert ep.default_exchange(cfg, backend="cpu") == "ragged_emulated"
+    assert ep.default_exchange(cfg.replace(moe_impl="capacity"), backend="gpu") == "capacity"
+    with ep.use_exchange("capacity"):
+        assert ep.default_exchange(cfg, backend="gpu") == "capacity"
