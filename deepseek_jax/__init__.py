@@ -15,8 +15,11 @@ __all__ = [
 ]
 
 
-def load_pretrained(path, dtype=None):
-    """Loads an HF checkpoint folder or an Orbax checkpoint of this project (see deepseek_jax.hf)."""
+def load_pretrained(path, dtype=None, **kwargs):
+    """Loads an HF checkpoint folder (BF16/FP32 or FP8) or an Orbax checkpoint of this project.
+
+    See `deepseek_jax.hf.load_pretrained` for the keyword arguments (mesh, rules, param_dtype).
+    """
     from deepseek_jax.hf import load_pretrained as _load
 
-    return _load(path) if dtype is None else _load(path, dtype=dtype)
+    return _load(path, **kwargs) if dtype is None else _load(path, dtype=dtype, **kwargs)

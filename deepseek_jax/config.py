@@ -255,8 +255,13 @@ class ModelConfig:
             raw["scoring_func"] = "softmax"
         if raw.get("topk_method") == "group_limited_greedy" and raw.get("scoring_func") is None:
             raw["scoring_func"] = "softmax"
-        if model_type is not None and "rope_interleave" not in raw:
-            raw["rope_interleave"] = True
+        if model_type is not None:
+            raw.setdefault("rope_interleave", True)
+            # HF files without the key have no MTP modules (V2); null groups mean one group.
+            raw.setdefault("num_nextn_predict_layers", 0)
+            for key in ("n_group", "topk_group"):
+                if key in raw and raw[key] is None:
+                    raw[key] = 1
         field_names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - field_names)
         if unknown:

@@ -31,6 +31,9 @@ from deepseek_jax.norm import RMSNorm
 from deepseek_jax.rope import apply_rope, rope_tables
 
 _NEG = -1e30  # finite "minus infinity" keeps fully-masked rows NaN-free
+# The latent norms use a fixed eps in DeepSeek's reference code and in every checkpoint's
+# modelling code, independent of rms_norm_eps.
+_LATENT_EPS = 1e-6
 
 
 class LatentCache(NamedTuple):
@@ -69,14 +72,14 @@ class MLA(nnx.Module):
         if cfg.q_lora_rank is not None:
             Q = cfg.q_lora_rank
             self.wq_a = param(rngs, (D, Q), ("embed", "q_lora"), cfg)
-            self.q_norm = RMSNorm(Q, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
+            self.q_norm = RMSNorm(Q, eps=_LATENT_EPS, param_dtype=cfg.weight_dtype)
             self.wq_b = param(rngs, (Q, N, H), ("q_lora", "heads", "head_dim"), cfg)
             self.wq = None
         else:
             self.wq_a = self.q_norm = self.wq_b = None
             self.wq = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), cfg)
         self.wkv_a = param(rngs, (D, C + R), ("embed", "kv_lora"), cfg)
-        self.kv_norm = RMSNorm(C, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
+        self.kv_norm = RMSNorm(C, eps=_LATENT_EPS, param_dtype=cfg.weight_dtype)
         self.wkv_b = param(
             rngs,
             (C, N, cfg.qk_nope_head_dim + cfg.v_head_dim),
