@@ -1,4 +1,4 @@
-"""Writes the notebooks in notebooks/ (run after changing their cells; the test suite executes them)."""
+"""Writes notebooks/ (rerun after changing their cells; the test suite executes them)."""
 
 import nbformat as nbf
 

@@ -1,0 +1,338 @@
+"""The training driver: one code path for one process or many.
+
+`run(cfg)`:
+  1. joins the multi-process job when there is one (`jax.distributed.initialize`, see DistConfig);
+  2. builds the mesh and sharding rules from `cfg.mesh`;
+  3. restores the newest readable checkpoint, or creates params and optimizer state directly in
+     their shardings (`init_train_state`: jit with out_shardings, nothing built on one host);
+  4. streams batches from the grain pipeline; each host's rows become one global jax.Array
+     (`jax.make_array_from_process_local_data`, or from the full batch when every host reads the
+     same stream, `train.data_layout=global`);
+  5. steps, logs every `train.log_every` steps, checkpoints every `checkpoint.every` steps, on
+     SIGTERM/SIGINT (then stops) and at the end.
+
+`main(argv)` is `python train_main.py [--config FILE] [section.field=value ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+from jax.experimental import multihost_utils
+
+from deepseek_jax.data import load_tokenizer, make_dataset
+from deepseek_jax.params import count_params
+from deepseek_jax.sharding.mesh import make_mesh
+from deepseek_jax.sharding.rules import batch_sharding, get_rules
+from deepseek_jax.train.checkpoint import Checkpointer
+from deepseek_jax.train.config import DistConfig, RunConfig, TrainConfig, load_run_config
+from deepseek_jax.train.flops import flops_per_token, mfu, peak_flops
+from deepseek_jax.train.metrics import MetricsLogger
+from deepseek_jax.train.step import (
+    TrainState,
+    abstract_train_state,
+    init_train_state,
+    make_train_step,
+    train_state_shardings,
+)
+
+
+def _say(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _env_is_multiprocess() -> bool:
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return True
+    return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def initialize_distributed(cfg: DistConfig) -> bool:
+    """Calls `jax.distributed.initialize` when this is a multi-process job (see DistConfig).
+
+    Fields left None fall back to JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, then
+    to JAX's own cluster detection (Slurm, Open MPI, TPU). Returns whether it initialised.
+    """
+    explicit = any(v is not None for v in (cfg.coordinator, cfg.num_processes, cfg.process_id))
+    if cfg.initialize == "never" or jax.distributed.is_initialized():
+        return False
+    if cfg.initialize == "auto" and not explicit and not _env_is_multiprocess():
+        return False
+    env = os.environ
+    num = cfg.num_processes
+    if num is None and env.get("JAX_NUM_PROCESSES"):
+        num = int(env["JAX_NUM_PROCESSES"])
+    pid = cfg.process_id
+    if pid is None and env.get("JAX_PROCESS_ID"):
+        pid = int(env["JAX_PROCESS_ID"])
+    # Only read by the CPU client; multi-process CPU runs need a collectives implementation.
+    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=cfg.coordinator, num_processes=num, process_id=pid
+    )
+    return True
+
+
+def resolve_run_dir(tcfg: TrainConfig) -> str:
+    """`train.run_dir`, else runs/<name>, else runs/<timestamp of process 0>."""
+    if tcfg.run_dir:
+        return tcfg.run_dir
+    if tcfg.name:
+        return os.path.join("runs", tcfg.name)
+    stamp = np.int64(time.time())
+    if jax.process_count() > 1:  # every process must name the same folder
+        stamp = multihost_utils.broadcast_one_to_all(stamp)
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S", time.localtime(int(stamp))))
+
+
+def to_global(local: dict[str, np.ndarray], sharding, *, full_batch: bool) -> dict[str, jax.Array]:
+    """This host's batch rows -> global arrays [B, T] laid out by `sharding`.
+
+    Args:
+      local: [B / processes, T] arrays (or the full [B, T] batch when `full_batch`).
+      sharding: the batch NamedSharding.
+      full_batch: every host holds the whole batch and keeps the rows its devices own.
+    """
+    if full_batch:
+        return {
+            k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in local.items()
+        }
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def _host(x) -> np.ndarray:
+    # Metrics are replicated: any local shard holds the value, even when not fully addressable.
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+class StopSignals:
+    """Turns the first SIGTERM/SIGINT into a stop request (save, then exit); a second one acts
+    as usual. In multi-process runs the request is OR-ed over processes, so all stop together."""
+
+    def __init__(self):
+        self.flag = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+        signal.signal(signum, self._old[signum])
+        _say(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint and stopping")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        return bool(multihost_utils.process_allgather(np.int32(self.flag)).max())
+
+
+def _check_vocab(cfg: RunConfig):
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} ({cfg.data.tokenizer})"
+        )
+    return tokenizer
+
+
+def _log_line(step: int, r: dict[str, Any]) -> str:
+    parts = [f"step {step:>6d}", f"loss {r['loss']:.4f}", f"main {r['main_loss']:.4f}"]
+    if "mtp_loss" in r:
+        parts.append(f"mtp {r['mtp_loss']:.4f}")
+    parts += [f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}"]
+    if r.get("tokens_per_s"):
+        parts.append(f"{r['tokens_per_s']:.0f} tok/s")
+    if r.get("mfu") is not None:
+        parts.append(f"mfu {100 * r['mfu']:.2f}%")
+    if "expert_load_max_mean" in r:
+        parts.append(f"load max/mean {r['expert_load_max_mean']:.2f}")
+    if r.get("skipped"):
+        parts.append(f"skipped {r['skipped']}")
+    return " | ".join(parts)
+
+
+def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Trains according to `cfg`; returns the end-of-run summary.
+
+    Args:
+      cfg: the run config (see train.config).
+      on_step: called with the step number after every step and its logging, before the
+        checkpoint decision (a SIGTERM sent from it saves that step); for notebooks and tests.
+    Returns:
+      The summary dict of `MetricsLogger.summary` plus `history` (the logged records).
+    """
+    initialize_distributed(cfg.dist)
+    tcfg = cfg.train
+    run_dir = os.path.abspath(resolve_run_dir(tcfg))
+    mesh = make_mesh(cfg.mesh)
+    rules = get_rules(cfg.mesh.rules)
+    tokenizer = _check_vocab(cfg)
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    counts = count_params(cfg.model)
+    _say(f"run_dir {run_dir}")
+    _say(
+        f"model: {counts.total / 1e6:.2f}M params ({counts.activated / 1e6:.2f}M activated, "
+        f"+{counts.mtp / 1e6:.2f}M MTP); mesh {dict(mesh.shape)} over {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)"
+    )
+
+    full_batch = tcfg.data_layout == "global"
+    data_index, data_count = (0, 1) if full_batch else (jax.process_index(), jax.process_count())
+    iterator = iter(
+        make_dataset(
+            cfg.data, process_index=data_index, process_count=data_count, tokenizer=tokenizer
+        )
+    )
+    ckpt = Checkpointer(
+        cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"),
+        cfg.checkpoint,
+        metadata={"config": cfg.to_dict()},
+    )
+    graphdef, abstract = abstract_train_state(cfg.model, tcfg, seed=tcfg.seed)
+    shardings = train_state_shardings(cfg.model, tcfg, mesh, rules)
+    restored = None
+    if cfg.checkpoint.resume:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        restored = ckpt.restore(target._asdict())
+    if restored is not None:
+        start, state_dict, data_state = restored
+        state = TrainState(**state_dict)
+        iterator.set_state(data_state)
+        _say(f"resumed from step {start} ({ckpt.directory})")
+    else:
+        graphdef, state = init_train_state(cfg.model, tcfg, seed=tcfg.seed, mesh=mesh, rules=rules)
+        start = 0
+    step_fn = make_train_step(cfg.model, cfg.loss, tcfg, graphdef, mesh=mesh, rules=rules)
+    sharding = batch_sharding(mesh, rules)
+
+    B, T = cfg.data.global_batch_size, cfg.data.seq_len
+    flops_token = flops_per_token(cfg.model, T).total
+    try:
+        peak = peak_flops(override=tcfg.peak_flops)
+    except ValueError as e:
+        _say(f"warning: {e}; MFU not reported")
+        peak = None
+    logger = MetricsLogger(
+        run_dir,
+        total_steps=tcfg.steps,
+        start_step=start,
+        enabled=jax.process_index() == 0,
+        tensorboard=tcfg.tensorboard,
+        progress=tcfg.progress,
+    )
+    step, mark, pending, saved = start, None, None, start if restored is not None else -1
+    try:
+        with StopSignals() as signals:
+            while step < tcfg.steps:
+                try:
+                    local = next(iterator)
+                except StopIteration:
+                    _say(f"data exhausted after {step} steps")
+                    break
+                state, metrics = step_fn(state, to_global(local, sharding, full_batch=full_batch))
+                step += 1
+                if mark is None:  # the first step of this invocation includes compilation
+                    jax.block_until_ready(metrics)
+                    mark = (time.time(), step)
+                elif pending is not None:
+                    jax.block_until_ready(pending)  # keep at most one step in flight
+                pending = metrics["loss"]
+                logger.advance(step)
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    host = {k: _host(v) for k, v in metrics.items()}
+                    now = time.time()
+                    n = step - mark[1]
+                    if n > 0:
+                        rate = n * B * T / (now - mark[0])
+                        host["tokens_per_s"] = rate
+                        host["step_time_s"] = (now - mark[0]) / n
+                        if peak is not None:
+                            host["mfu"] = mfu(rate, flops_token, jax.device_count(), peak)
+                    mark = (now, step)
+                    record = logger.log(step, host)
+                    if jax.process_index() == 0:
+                        line = _log_line(step, record)
+                        if tcfg.progress:
+                            from tqdm import tqdm
+
+                            tqdm.write(line, file=sys.stderr)
+                        else:
+                            print(line, file=sys.stderr, flush=True)
+                if on_step is not None:
+                    on_step(step)
+                stop = signals.requested()
+                if ckpt.should_save(step) or stop:
+                    # A snapshot of the iterator *now*: it has consumed exactly `step` batches.
+                    data_state = json.loads(json.dumps(iterator.get_state()))
+                    ckpt.save(step, state._asdict(), data_state, wait=stop)
+                    saved = step
+                if stop:
+                    break
+        if cfg.checkpoint.save_final and saved != step:
+            ckpt.save(step, state._asdict(), json.loads(json.dumps(iterator.get_state())))
+    finally:
+        ckpt.close()
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+        summary = logger.close()
+    summary["history"] = logger.history
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: `train_main.py [--config FILE] [--print-config] [section.field=value ...]`."""
+    parser = argparse.ArgumentParser(
+        prog="train_main.py",
+        description="Train a DeepSeek-V2/V3 model. With no arguments: the small V3 on CPU on the "
+        "shipped corpus (configs/train-v3-small.yaml).",
+    )
+    parser.add_argument("--config", help="run config YAML (default configs/train-v3-small.yaml)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="section.field=value, e.g. train.steps=100 mesh.fsdp=8"
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    run(cfg)
+    return 0

@@ -1,0 +1,116 @@
+"""AdamW with masked weight decay, global-norm clipping and DeepSeek's learning-rate schedules.
+
+The optimizer sees only `nnx.Param` values (as a pure dict): the aux-loss-free routing bias is a
+`RoutingBias` variable, updated by the train step from expert loads, never by gradients.
+
+Schedules (s = step, W = warmup_steps, S = steps, lr = peak, m = min_lr_ratio * lr):
+  warm-up (all):  lr * min(1, (s + 1) / W)     so the first step already moves the weights
+  "constant":     lr after warm-up
+  "multistep":    lr * prod of step_factors[i] whose boundary step_boundaries[i] * S <= s
+                  (DeepSeek LLM, Sec. 2.3: x0.316 at 80%, x0.1 at 90% of the steps)
+  "cosine":       m + (lr - m) * (1 + cos(pi * p)) / 2,  p = (s - W) / (S - W) clipped to [0, 1]
+  "v3":           lr until decay_start * S, cosine to m until decay_end * S, then m (V3 Sec. 4.2)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from deepseek_jax.train.config import TrainConfig
+
+# Path components that mark a parameter as exempt from weight decay: every RMSNorm scale (the
+# model names its norms attn_norm, ffn_norm, q_norm, kv_norm, enorm, hnorm, norm) and biases.
+_NO_DECAY_SUFFIXES = ("norm",)
+_NO_DECAY_LEAVES = ("bias",)
+
+
+def _warmup(step: jax.Array, tcfg: TrainConfig) -> jax.Array:
+    if tcfg.warmup_steps == 0:
+        return jnp.ones_like(step)
+    return jnp.minimum(1.0, (step + 1.0) / tcfg.warmup_steps)
+
+
+def _cosine(progress: jax.Array, ratio: float) -> jax.Array:
+    progress = jnp.clip(progress, 0.0, 1.0)
+    return ratio + (1.0 - ratio) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+
+
+def lr_schedule(tcfg: TrainConfig) -> Callable[[jax.Array], jax.Array]:
+    """The learning rate as a function of the (applied-update) step count.
+
+    Args:
+      tcfg: supplies schedule, lr, warmup_steps, steps and the schedule's shape parameters.
+    Returns:
+      A jittable `step -> lr` (float32 scalar), usable as an optax schedule.
+    """
+    S, W = tcfg.steps, tcfg.warmup_steps
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        if tcfg.schedule == "constant":
+            factor = jnp.ones_like(s)
+        elif tcfg.schedule == "multistep":
+            factor = jnp.ones_like(s)
+            for boundary, f in zip(tcfg.step_boundaries, tcfg.step_factors, strict=True):
+                # Boundaries in DeepSeek LLM multiply the *peak*: x0.316 then x0.1 (not 0.0316).
+                factor = jnp.where(s >= round(boundary * S), f, factor)
+        elif tcfg.schedule == "cosine":
+            factor = _cosine((s - W) / max(S - W, 1), tcfg.min_lr_ratio)
+        else:  # "v3"
+            start, end = tcfg.decay_start * S, tcfg.decay_end * S
+            factor = _cosine((s - start) / max(end - start, 1.0), tcfg.min_lr_ratio)
+        return (tcfg.lr * _warmup(s, tcfg) * factor).astype(jnp.float32)
+
+    return schedule
+
+
+def _key_name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", k)))
+
+
+def weight_decay_mask(params):
+    """True where a parameter is decayed: everything but norm scales and biases.
+
+    Args:
+      params: a pytree keyed like the model (a pure dict from `nnx.split`/`nnx.to_pure_dict`).
+    Returns:
+      A same-structured tree of bools.
+    """
+
+    def decay(path, leaf):
+        names = [_key_name(k) for k in path]
+        if names and names[-1] in _NO_DECAY_LEAVES:
+            return False
+        if any(n.endswith(_NO_DECAY_SUFFIXES) for n in names):
+            return False
+        # A 1-d parameter is a norm scale or a bias whatever its name (stacked layers add a dim,
+        # so a stacked norm is recognised by its name above).
+        return getattr(leaf, "ndim", 2) >= 2
+
+    return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm(clip_norm) -> AdamW(b1, b2, eps, weight_decay masked, mu_dtype).
+
+    The learning rate follows `lr_schedule(tcfg)` over the number of *applied* updates (optax's
+    own count): a step skipped for non-finite gradients does not advance the schedule.
+    """
+    mu_dtype = jnp.bfloat16 if tcfg.mu_dtype == "bfloat16" else None
+    adamw = optax.adamw(
+        learning_rate=lr_schedule(tcfg),
+        b1=tcfg.b1,
+        b2=tcfg.b2,
+        eps=tcfg.eps,
+        weight_decay=tcfg.weight_decay,
+        mask=weight_decay_mask,
+        mu_dtype=mu_dtype,
+    )
+    if tcfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), adamw)
+    return adamw

@@ -1,0 +1,354 @@
+"""The train state and the pure, jitted train step over `nnx.split` state.
+
+One step (V3 Sec. 2.1.2 / 2.2 / 4.2):
+  1. forward + backward over `grad_accum` micro-batches (a `lax.scan`), gradients and losses
+     weighted by each micro-batch's share of the counted tokens, so the step sees the whole batch;
+  2. a step whose loss or gradient norm is non-finite is *skipped*: params, optimizer state and
+     routing biases stay as they were, `skipped` counts it;
+  3. AdamW update (clip, masked decay) of the `nnx.Param`s;
+  4. aux-loss-free balancing: b += gamma * sign(mean load - load) per MoE layer, from expert
+     counts summed over the global batch. Under `jit` with a batch sharded over data-parallel
+     devices that sum is a global all-reduce, so every replica applies the same update.
+
+Mixed precision: parameters (master weights) and optimizer state are float32; the model computes
+in `ModelConfig.dtype` (bf16 on accelerators), casting weights at each use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.gate import RoutingBias, bias_update
+from deepseek_jax.losses import LossConfig, total_loss
+from deepseek_jax.model import DeepSeekModel
+from deepseek_jax.sharding.logical import use_rules
+from deepseek_jax.sharding.rules import batch_sharding, param_shardings
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.optimizer import lr_schedule, make_optimizer
+
+Batch = dict[str, jax.Array]  # int32 [B, T]: input_ids, labels, loss_mask, segment_ids, positions
+# Stacks that carry a RoutingBias, in the order their MoEStats are concatenated by the model.
+_MOE_STACKS = ("moe_layers", "mtp")
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes (a pytree of arrays; checkpointed as is).
+
+    Attributes:
+      step: [] int32 batches consumed, skipped steps included.
+      params: `nnx.Param` values (float32 master weights), a pure dict keyed like the model.
+      biases: `RoutingBias` values, [L_stack, E] per MoE stack; not seen by the optimizer.
+      other: any other model variables (none today), carried unchanged.
+      opt_state: the optax state of `make_optimizer(train_cfg)` over `params`.
+      rng: [2] uint32 raw key data for stochastic layers (none today), folded with `step`.
+      skipped: [] int32 steps skipped for a non-finite loss or gradient.
+    """
+
+    step: jax.Array
+    params: dict
+    biases: dict
+    other: dict
+    opt_state: Any
+    rng: jax.Array
+    skipped: jax.Array
+
+
+def _split_model(model: DeepSeekModel):
+    graphdef, params, biases, other = nnx.split(model, nnx.Param, RoutingBias, ...)
+    return graphdef, params, biases, other
+
+
+def _create(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int):
+    model = DeepSeekModel(model_cfg, rngs=nnx.Rngs(seed))
+    _, params, biases, other = _split_model(model)
+    params = nnx.to_pure_dict(params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        biases=nnx.to_pure_dict(biases),
+        other=nnx.to_pure_dict(other),
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed + 1)),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def abstract_train_state(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, *, seed: int = 0
+) -> tuple[nnx.GraphDef, TrainState]:
+    """The graphdef and the train state as ShapeDtypeStructs (nothing allocated)."""
+    optimizer = make_optimizer(train_cfg)
+    graphdef, *_ = _split_model(nnx.eval_shape(lambda: DeepSeekModel(model_cfg, rngs=nnx.Rngs(0))))
+    return graphdef, jax.eval_shape(lambda: _create(model_cfg, optimizer, seed))
+
+
+def train_state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, rules: dict):
+    """NamedShardings of every TrainState leaf.
+
+    Params follow their `logical_axes` through `rules` (sharding.rules.param_shardings); the
+    optimizer's per-parameter moments follow their parameter (`optax.tree_map_params`); routing
+    biases, counters and the RNG are replicated.
+    """
+    abstract_model = nnx.eval_shape(lambda: DeepSeekModel(model_cfg, rngs=nnx.Rngs(0)))
+    _, params, biases, other = _split_model(abstract_model)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    p_shard = nnx.to_pure_dict(param_shardings(params, mesh, rules))
+    optimizer = make_optimizer(train_cfg)
+    abstract_opt = jax.eval_shape(optimizer.init, nnx.to_pure_dict(params))
+    opt_shard = optax.tree_map_params(
+        optimizer, lambda _, s: s, abstract_opt, p_shard, transform_non_params=lambda _: replicated
+    )
+    return TrainState(
+        step=replicated,
+        params=p_shard,
+        biases=jax.tree.map(lambda _: replicated, nnx.to_pure_dict(biases)),
+        other=jax.tree.map(lambda _: replicated, nnx.to_pure_dict(other)),
+        opt_state=opt_shard,
+        rng=replicated,
+        skipped=replicated,
+    )
+
+
+def init_train_state(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    rules: dict | None = None,
+) -> tuple[nnx.GraphDef, TrainState]:
+    """Creates the model's parameters and optimizer state directly in their final shardings.
+
+    Initialisation runs under `jax.jit` with `out_shardings`, so each device materialises only
+    its shard (nothing is built on one host first). Values do not depend on the mesh: the same
+    seed gives the same parameters sharded or not.
+
+    Args:
+      model_cfg: the architecture.
+      train_cfg: supplies the optimizer (its state is created here).
+      seed: parameter initialisation seed.
+      mesh, rules: the device mesh and logical-axis rules (sharding.rules); None = one device.
+    Returns:
+      (graphdef, state): `nnx.merge(graphdef, state.params, state.biases, state.other)` is the
+      model.
+    """
+    optimizer = make_optimizer(train_cfg)
+    graphdef, _ = abstract_train_state(model_cfg, train_cfg, seed=seed)
+    out_shardings = None
+    if mesh is not None:
+        out_shardings = train_state_shardings(model_cfg, train_cfg, mesh, rules or {})
+    create = jax.jit(lambda: _create(model_cfg, optimizer, seed), out_shardings=out_shardings)
+    # The initialiser runs once: on CPU, where LLVM optimisation of its many random-number
+    # kernels dominates (~2.5x the compile time), compile it unoptimised.
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+    with _contexts(mesh, rules):
+        return graphdef, create.lower().compile(compiler_options=options)()
+
+
+@contextlib.contextmanager
+def _contexts(mesh: Mesh | None, rules: dict | None):
+    with contextlib.ExitStack() as stack:
+        if mesh is not None:
+            stack.enter_context(jax.set_mesh(mesh))
+        if rules is not None:
+            stack.enter_context(use_rules(rules))
+        yield
+
+
+def update_biases(biases: dict, counts: jax.Array, gamma: jax.Array) -> dict:
+    """Applies `gate.bias_update` to every MoE stack's routing bias.
+
+    Args:
+      biases: TrainState.biases, {'moe_layers': ...bias [L_moe, E], 'mtp': ...bias [D_mtp, E]}.
+      counts: [L, E] expert counts over the global batch, MoE layers then MTP layers (the order
+        of `ModelOutput.moe_stats`).
+      gamma: [] update speed.
+    Returns:
+      The updated biases (same structure).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(biases)
+    order = sorted(range(len(leaves)), key=lambda i: _MOE_STACKS.index(leaves[i][0][0].key))
+    total = sum(leaves[i][1].shape[0] for i in order)
+    if total != counts.shape[0]:
+        raise ValueError(
+            f"routing biases cover {total} MoE layers but moe_stats has {counts.shape[0]}"
+        )
+    new, start = [None] * len(leaves), 0
+    for i in order:
+        b = leaves[i][1]
+        new[i] = bias_update(b, counts[start : start + b.shape[0]], gamma)
+        start += b.shape[0]
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def _micro_batches(batch: Batch, accum: int) -> Batch:
+    """[B, ...] -> [A, B/A, ...]; micro-batch a takes rows a, a+A, ... so each keeps the batch's
+    device split (the data-parallel shard of a row does not move)."""
+
+    def split(x):
+        return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    graphdef: nnx.GraphDef,
+    *,
+    mesh: Mesh | None = None,
+    rules: dict | None = None,
+    donate: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds the jitted `step(state, batch) -> (state, metrics)`.
+
+    Args:
+      model_cfg, loss_cfg, train_cfg: the run's sub-configs (balance-loss weights and the MTP
+        lambda from loss_cfg; optimizer, gamma and lambda schedules from train_cfg).
+      graphdef: from `init_train_state`.
+      mesh, rules: when given, the state is sharded as `train_state_shardings`, the batch as
+        `batch_sharding`, and activations follow the rules' constraints; None = one device.
+      donate: donate the input state's buffers (the caller must not reuse it).
+    Returns:
+      A jitted function. `batch` holds int32 [B, T] `input_ids`, `labels` and optionally
+      `loss_mask`, `segment_ids`, `positions`; B must divide by `train_cfg.grad_accum`. Metrics
+      are scalars except the per-MoE-layer arrays `expert_load_max`, `expert_load_min` (load of
+      the busiest / idlest expert over the mean load) and `dropped` ([L]).
+    """
+    optimizer = make_optimizer(train_cfg)
+    schedule = lr_schedule(train_cfg)
+    accum = train_cfg.grad_accum
+
+    def loss_fn(params, biases, other, batch, mtp_lambda):
+        model = nnx.merge(graphdef, params, biases, other)
+        out = model(
+            batch["input_ids"],
+            positions=batch.get("positions"),
+            segment_ids=batch.get("segment_ids"),
+        )
+        loss, metrics = total_loss(out, batch, model_cfg, loss_cfg, mtp_lambda=mtp_lambda)
+        return loss, (metrics, out.moe_stats)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def schedules(state: TrainState, tokens_per_step: int):
+        seen = state.step.astype(jnp.float32) * float(tokens_per_step)
+        gamma = jnp.float32(train_cfg.bias_update_speed)
+        if train_cfg.bias_update_stop_tokens is not None:
+            gamma = jnp.where(seen < train_cfg.bias_update_stop_tokens, gamma, 0.0)
+        lam = jnp.float32(loss_cfg.mtp_lambda)
+        if train_cfg.mtp_lambda_switch_tokens is not None and train_cfg.mtp_lambda_late is not None:
+            lam = jnp.where(
+                seen < train_cfg.mtp_lambda_switch_tokens, lam, train_cfg.mtp_lambda_late
+            )
+        return gamma, lam
+
+    def grads_and_metrics(state: TrainState, batch: Batch, lam):
+        args = (state.params, state.biases, state.other)
+        if accum == 1:
+            (loss, (metrics, stats)), grads = grad_fn(*args, batch, lam)
+            counts = None if stats is None else stats.expert_counts.sum(1)  # [L, E]
+            dropped = None if stats is None else stats.dropped
+            return loss, grads, metrics, counts, dropped
+        micro = _micro_batches(batch, accum)  # [A, B/A, T]
+        mask = micro.get("loss_mask", jnp.ones_like(micro["labels"]))
+        ntok = mask.reshape(accum, -1).sum(-1).astype(jnp.float32)  # [A]
+        weights = ntok / jnp.maximum(ntok.sum(), 1.0)  # exact token mean for the main loss
+
+        def body(g_acc, xs):
+            mb, w = xs
+            (loss, (metrics, stats)), g = grad_fn(*args, mb, lam)
+            g_acc = jax.tree.map(lambda a, b: a + w * b, g_acc, g)
+            metrics = {k: v if k == "tokens" else w * v for k, v in metrics.items()}
+            extra = None if stats is None else (stats.expert_counts.sum(1), stats.dropped)
+            return g_acc, (w * loss, metrics, extra)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (losses, metrics, extra) = jax.lax.scan(body, zeros, (micro, weights))
+        metrics = jax.tree.map(lambda m: m.sum(0), metrics)
+        counts = dropped = None
+        if extra is not None:
+            counts, dropped = extra[0].sum(0), extra[1].mean(0)  # [L, E], [L]
+        return losses.sum(), grads, metrics, counts, dropped
+
+    def step(state: TrainState, batch: Batch):
+        with _contexts(None, rules):
+            B, T = batch["input_ids"].shape
+            gamma, lam = schedules(state, B * T)
+            loss, grads, metrics, counts, dropped = grads_and_metrics(state, batch, lam)
+            grad_norm = optax.tree.norm(grads)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            lr = schedule(state.step - state.skipped)  # optax's count = applied updates
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            biases = state.biases
+            if counts is not None and jax.tree.leaves(biases):
+                biases = update_biases(biases, counts, gamma)
+
+            def keep(new, old):  # a non-finite step leaves everything as it was
+                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+            skipped = state.skipped + (~finite).astype(jnp.int32)
+            new_state = TrainState(
+                step=state.step + 1,
+                params=keep(params, state.params),
+                biases=keep(biases, state.biases),
+                other=state.other,
+                opt_state=keep(opt_state, state.opt_state),
+                rng=state.rng,
+                skipped=skipped,
+            )
+            out = dict(metrics)
+            out.update(
+                loss=loss,
+                grad_norm=grad_norm,
+                lr=lr,
+                bias_update_speed=gamma,
+                mtp_lambda=lam,
+                finite=finite.astype(jnp.float32),
+                skipped=skipped,
+            )
+            if counts is not None:
+                mean = jnp.maximum(counts.mean(-1), 1e-9)  # [L]
+                out["expert_load_max"] = counts.max(-1) / mean
+                out["expert_load_min"] = counts.min(-1) / mean
+                out["dropped"] = dropped
+            return new_state, out
+
+    if mesh is None:
+        jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+    else:
+        shardings = train_state_shardings(model_cfg, train_cfg, mesh, rules or {})
+        jitted = jax.jit(
+            step,
+            in_shardings=(shardings, batch_sharding(mesh, rules or {})),
+            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+            donate_argnums=(0,) if donate else (),
+        )
+    return _MeshBound(jitted, mesh, rules)
+
+
+class _MeshBound:
+    """A jitted function that is traced and run under `jax.set_mesh(mesh)` (which cannot be
+    entered inside jit), so the model's bare-PartitionSpec constraints resolve against `mesh`."""
+
+    def __init__(self, jitted, mesh: Mesh | None, rules: dict | None):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+    def __call__(self, *args):
+        with _contexts(self.mesh, self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with _contexts(self.mesh, self.rules):
+            return self.jitted.lower(*args)

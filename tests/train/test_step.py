@@ -1,0 +1,136 @@
+"""The train step: NaN/Inf skipping, gradient accumulation, bias update and its schedules."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax.config import load_preset
+from deepseek_jax.losses import LossConfig
+from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
+from deepseek_jax.sharding.rules import get_rules
+from deepseek_jax.testing import MODEL_FP32
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.step import init_train_state, make_train_step, update_biases
+
+B, T = 4, 16
+
+
+def _batch(cfg, seed=0):
+    ids = np.random.default_rng(seed).integers(3, cfg.vocab_size, (B, T + 1)).astype(np.int32)
+    return {
+        "input_ids": ids[:, :-1],
+        "labels": ids[:, 1:],
+        "loss_mask": np.ones((B, T), np.int32),
+        "segment_ids": np.ones((B, T), np.int32),
+        "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+    }
+
+
+def _tcfg(**kw):
+    # gamma stops after 2 steps' tokens, the MTP weight switches after 1 step's.
+    return TrainConfig(
+        steps=10,
+        lr=1e-2,
+        warmup_steps=0,
+        schedule="constant",
+        bias_update_speed=0.01,
+        bias_update_stop_tokens=2 * B * T,
+        mtp_lambda_late=0.1,
+        mtp_lambda_switch_tokens=B * T,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_preset("v3-tiny").replace(num_hidden_layers=2, remat="none")
+    graphdef, state = init_train_state(cfg, _tcfg(), seed=0)
+    step = make_train_step(cfg, LossConfig(), _tcfg(), graphdef, donate=False)
+    return cfg, graphdef, state, step
+
+
+def test_non_finite_step_is_skipped(setup):
+    cfg, _, state, step = setup
+    bad = _batch(cfg)
+    bad["labels"][0, 3] = cfg.vocab_size  # out of range: the picked logit is NaN
+    new, m = step(state, bad)
+    assert not np.isfinite(float(m["loss"])) and float(m["finite"]) == 0.0
+    assert int(new.skipped) == 1 and int(new.step) == 1
+    chex.assert_trees_all_equal(
+        (new.params, new.opt_state, new.biases), (state.params, state.opt_state, state.biases)
+    )
+    # The next good step trains normally with the first learning-rate value (no update yet).
+    newer, m = step(new, _batch(cfg))
+    assert float(m["finite"]) == 1.0 and int(newer.skipped) == 1 and int(newer.step) == 2
+    assert float(m["lr"]) == pytest.approx(1e-2)
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), newer.params, state.params)
+    assert all(jax.tree.leaves(changed))
+
+
+def test_bias_update_and_schedules(setup):
+    cfg, _, state, step = setup
+    gammas, lambdas, biases = [], [], [state.biases]
+    for i in range(3):
+        state, m = step(state, _batch(cfg, seed=i))
+        gammas.append(float(m["bias_update_speed"]))
+        lambdas.append(float(m["mtp_lambda"]))
+        biases.append(state.biases)
+        assert m["expert_load_max"].shape == (cfg.num_moe_layers + 1,)  # MoE layer + MTP block
+    np.testing.assert_allclose(gammas, [0.01, 0.01, 0.0])
+    np.testing.assert_allclose(lambdas, [0.3, 0.1, 0.1])
+    moved = [
+        float(
+            jnp.abs(
+                a["moe_layers"]["ffn"]["gate"]["bias"] - b["moe_layers"]["ffn"]["gate"]["bias"]
+            ).max()
+        )
+        for a, b in zip(biases[:-1], biases[1:], strict=True)
+    ]
+    assert moved[0] == pytest.approx(0.01) and moved[2] == 0.0  # sign steps of gamma, then frozen
+
+
+def test_update_biases_by_hand():
+    biases = {
+        "mtp": {"block": {"ffn": {"gate": {"bias": jnp.zeros((1, 4))}}}},
+        "moe_layers": {"ffn": {"gate": {"bias": jnp.ones((2, 4))}}},
+    }
+    counts = jnp.array([[4, 0, 2, 2], [1, 1, 1, 1], [0, 0, 0, 8]], jnp.float32)  # [L, E]
+    new = update_biases(biases, counts, 0.5)
+    # Overloaded experts go down, underloaded up, balanced stay: b += gamma * sign(mean - load).
+    np.testing.assert_allclose(
+        new["moe_layers"]["ffn"]["gate"]["bias"], [[0.5, 1.5, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+    )
+    np.testing.assert_allclose(new["mtp"]["block"]["ffn"]["gate"]["bias"], [[0.5, 0.5, 0.5, -0.5]])
+    with pytest.raises(ValueError, match="cover 3 MoE layers but moe_stats has 2"):
+        update_biases(biases, counts[:2], 0.5)
+
+
+def test_gradient_accumulation_matches_full_batch(setup):
+    cfg, graphdef, state, step = setup
+    step2 = make_train_step(cfg, LossConfig(), _tcfg(grad_accum=2), graphdef, donate=False)
+    batch = _batch(cfg, seed=5)
+    full, m1 = step(state, batch)
+    accum, m2 = step2(state, batch)
+    for key in ("loss", "main_loss", "mtp_loss", "grad_norm", "tokens"):
+        np.testing.assert_allclose(m2[key], m1[key], **MODEL_FP32)
+    chex.assert_trees_all_close(accum.params, full.params, **MODEL_FP32)
+    chex.assert_trees_all_close(accum.biases, full.biases)
+
+
+def test_init_is_sharded_and_independent_of_the_mesh(setup):
+    cfg, _, state, _ = setup
+    mesh = make_mesh(MeshConfig(fsdp=8, rules="fsdp"))
+    _, sharded = init_train_state(cfg, _tcfg(), seed=0, mesh=mesh, rules=get_rules("fsdp"))
+    # Created in place: the embed dim of every weight split over fsdp, Adam's moments alike.
+    assert sharded.params["embed"].sharding.spec == P(None, "fsdp")
+    assert sharded.params["moe_layers"]["ffn"]["w_up"].sharding.spec == P(None, None, "fsdp", None)
+    for name in ("mu", "nu"):
+        moment = optax.tree.get(sharded.opt_state, name)["embed"]
+        assert moment.sharding.spec == P(None, "fsdp")
+    assert sharded.biases["moe_layers"]["ffn"]["gate"]["bias"].sharding.is_fully_replicated
+    # The same seed gives the same values, sharded or not.
+    chex.assert_trees_all_equal(jax.device_get(sharded), jax.device_get(state))
