@@ -29,6 +29,16 @@ def use_rules(rules: Mapping[str, MeshAxes]) -> Iterator[None]:
         _RULES.reset(token)
 
 
+@contextlib.contextmanager
+def suspend_rules() -> Iterator[None]:
+    """Turns `constrain` off within the context (e.g. inside a shard_map with manual axes)."""
+    token = _RULES.set(None)
+    try:
+        yield
+    finally:
+        _RULES.reset(token)
+
+
 def current_rules() -> Mapping[str, MeshAxes] | None:
     return _RULES.get()
 

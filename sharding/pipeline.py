@@ -316,3 +316,49 @@ def pipeline_grads(
         check_vma=False,
     )
     return run(stage_params, shared_params, inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """How the `stage` mesh axis is used (train_main's `pipeline.*` keys).
+
+    Attributes:
+      schedule: "none" (no pipelining; mesh.stage must be 1), "1f1b", "zb1p" or "dualpipe".
+      microbatches: micro-batches per step (the global batch must divide by it). DualPipe needs
+        an even count >= 2 x stages; 1F1B / ZB1P any count >= 1 (>= stages to fill the pipe).
+    """
+
+    schedule: str = "none"
+    microbatches: int = 1
+
+    def __post_init__(self):
+        if self.schedule not in _BUILDERS:
+            raise ValueError(
+                f"PipelineConfig.schedule={self.schedule!r} is invalid: one of {sorted(_BUILDERS)}"
+            )
+        if self.microbatches < 1:
+            raise ValueError(f"PipelineConfig.microbatches={self.microbatches} must be >= 1")
+
+    def build(self, num_stages: int) -> Schedule | None:
+        """The schedule for `num_stages` ranks, or None when not pipelining."""
+        if self.schedule == "none":
+            if num_stages > 1:
+                raise ValueError(
+                    f"mesh.stage={num_stages} needs a pipeline.schedule (1f1b, zb1p, dualpipe)"
+                )
+            return None
+        return _BUILDERS[self.schedule](num_stages, self.microbatches)
+
+
+def _builders():
+    from deepseek_jax.sharding import schedules
+
+    return {
+        "none": None,
+        "1f1b": schedules.one_f_one_b_schedule,
+        "zb1p": schedules.zb1p_schedule,
+        "dualpipe": schedules.dualpipe_schedule,
+    }
+
+
+_BUILDERS = _builders()

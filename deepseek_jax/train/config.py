@@ -22,6 +22,7 @@ from deepseek_jax.config import PRESET_DIR, ModelConfig
 from deepseek_jax.data import DataConfig
 from deepseek_jax.losses import LossConfig
 from deepseek_jax.sharding.mesh import MeshConfig
+from deepseek_jax.sharding.pipeline import PipelineConfig
 
 Schedule = Literal["v3", "multistep", "cosine", "constant"]
 DataLayout = Literal["per_host", "global"]
@@ -213,6 +214,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dist: DistConfig = DistConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     def __post_init__(self):
         B, A = self.data.global_batch_size, self.train.grad_accum
@@ -220,6 +222,23 @@ class RunConfig:
             raise ValueError(
                 f"data.global_batch_size={B} must be a multiple of train.grad_accum={A}"
             )
+        P, M = self.mesh.stage, self.pipeline.microbatches
+        if (P > 1) != (self.pipeline.schedule != "none"):
+            raise ValueError(
+                f"mesh.stage={P} and pipeline.schedule={self.pipeline.schedule!r} disagree: "
+                "a stage axis > 1 needs a schedule (1f1b, zb1p, dualpipe) and vice versa"
+            )
+        if P > 1:
+            if B % M:
+                raise ValueError(
+                    f"data.global_batch_size={B} must be a multiple of pipeline.microbatches={M}"
+                )
+            if A != 1:
+                raise ValueError(
+                    "train.grad_accum must be 1 when pipelining (micro-batches are "
+                    "the pipeline's: set pipeline.microbatches)"
+                )
+            self.pipeline.build(P)  # validates the schedule's size rules early
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-YAML form (the resolved config saved next to a run)."""
@@ -241,6 +260,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "dist": DistConfig,
+    "pipeline": PipelineConfig,
 }
 
 

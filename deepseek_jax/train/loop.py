@@ -234,7 +234,9 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
     else:
         graphdef, state = init_train_state(cfg.model, tcfg, seed=tcfg.seed, mesh=mesh, rules=rules)
         start = 0
-    step_fn = make_train_step(cfg.model, cfg.loss, tcfg, graphdef, mesh=mesh, rules=rules)
+    step_fn = make_train_step(
+        cfg.model, cfg.loss, tcfg, graphdef, mesh=mesh, rules=rules, pipeline=cfg.pipeline
+    )
     sharding = batch_sharding(mesh, rules)
 
     B, T = cfg.data.global_batch_size, cfg.data.seq_len

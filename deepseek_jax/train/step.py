@@ -30,7 +30,9 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.gate import RoutingBias, bias_update
 from deepseek_jax.losses import LossConfig, total_loss
 from deepseek_jax.model import DeepSeekModel
-from deepseek_jax.sharding.logical import use_rules
+from deepseek_jax.pipeline_stages import pipelined_value_and_grad
+from deepseek_jax.sharding.logical import suspend_rules, use_rules
+from deepseek_jax.sharding.pipeline import PipelineConfig
 from deepseek_jax.sharding.rules import batch_sharding, param_shardings
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer
@@ -209,6 +211,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     rules: dict | None = None,
     donate: bool = True,
+    pipeline: PipelineConfig | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the jitted `step(state, batch) -> (state, metrics)`.
 
@@ -219,6 +222,8 @@ def make_train_step(
       mesh, rules: when given, the state is sharded as `train_state_shardings`, the batch as
         `batch_sharding`, and activations follow the rules' constraints; None = one device.
       donate: donate the input state's buffers (the caller must not reuse it).
+      pipeline: with a schedule and a mesh whose `stage` axis is > 1, loss and gradients come
+        from the pipeline executor (sharding/pipeline.py) over that axis.
     Returns:
       A jitted function. `batch` holds int32 [B, T] `input_ids`, `labels` and optionally
       `loss_mask`, `segment_ids`, `positions`; B must divide by `train_cfg.grad_accum`. Metrics
@@ -253,7 +258,21 @@ def make_train_step(
             )
         return gamma, lam
 
+    pipe = None
+    if pipeline is not None and mesh is not None and mesh.shape.get("stage", 1) > 1:
+        pipe = pipeline.build(mesh.shape["stage"])
+
+    def pipelined(state: TrainState, batch: Batch, lam):
+        model = nnx.merge(graphdef, state.params, state.biases, state.other)
+        with suspend_rules():  # the stage shard_map places activations itself
+            loss, grads, counts = pipelined_value_and_grad(model, batch, pipe, mesh, loss_cfg, lam)
+        grads = jax.tree.map(lambda p, g: g.astype(p.dtype), state.params, nnx.to_pure_dict(grads))
+        dropped = jnp.zeros((counts.shape[0],), jnp.float32)  # the pipeline runs dropless
+        return loss, grads, {}, counts, dropped
+
     def grads_and_metrics(state: TrainState, batch: Batch, lam):
+        if pipe is not None:
+            return pipelined(state, batch, lam)
         args = (state.params, state.biases, state.other)
         if accum == 1:
             (loss, (metrics, stats)), grads = grad_fn(*args, batch, lam)
