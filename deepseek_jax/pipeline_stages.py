@@ -64,7 +64,8 @@ def pipelined_value_and_grad(
       lcfg: loss weights.
     Returns:
       (loss = mean over micro-batches of total_loss, grads as an nnx.State shaped like
-       `nnx.state(model, nnx.Param)`, expert counts [L_moe + n_mtp, E] summed over the batch).
+       `nnx.state(model, nnx.Param)`, expert counts [L_moe + n_mtp, E] summed over the batch,
+       {"main_loss", "mtp_loss"} means over micro-batches).
     """
     cfg = model.cfg
     PP = schedule.num_ranks
@@ -97,16 +98,18 @@ def pipelined_value_and_grad(
 
         def last(h):
             logits, mtp_logits, mtp_stats = m.outputs(h, ids, ctx)
-            l_lm, _ = lm_loss(ModelOutput(logits, mtp_logits, None), inp, lcfg, mtp_lambda)
+            l_lm, lm = lm_loss(ModelOutput(logits, mtp_logits, None), inp, lcfg, mtp_lambda)
             l_bal, _ = balance_loss(mtp_stats, cfg, lcfg)
             n = cfg.num_nextn_predict_layers
             c = mtp_stats.expert_counts.sum(1) if mtp_stats is not None else jnp.zeros((n, E))
-            return l_lm + l_bal, c
+            parts = jnp.stack([lm["main_loss"], lm.get("mtp_loss", 0.0)]).astype(jnp.float32)
+            return l_lm + l_bal, c, parts
 
         def not_last(h):
-            return jnp.zeros((), jnp.float32), jnp.zeros((cfg.num_nextn_predict_layers, E))
+            zero = jnp.zeros((), jnp.float32)
+            return zero, jnp.zeros((cfg.num_nextn_predict_layers, E)), jnp.zeros(2, jnp.float32)
 
-        l_last, counts["mtp"] = jax.lax.cond(is_last, last, not_last, h)
+        l_last, counts["mtp"], counts["lm"] = jax.lax.cond(is_last, last, not_last, h)
         return h.astype(act.dtype), loss + l_last, counts
 
     loss, g_stage, g_shared, counts = pipeline_grads(
@@ -120,4 +123,8 @@ def pipelined_value_and_grad(
     )
     grads = nnx.State({**g_shared["params"], "moe_layers": _stage_merge(g_stage["params"])})
     expert_counts = jnp.concatenate([_stage_merge(counts["moe"]), counts["mtp"][-1]], axis=0)
-    return loss, grads, expert_counts
+    main, mtp = counts["lm"][-1] / M  # the last stage's loss parts, mean over micro-batches
+    metrics = {"main_loss": main}
+    if cfg.num_nextn_predict_layers:
+        metrics["mtp_loss"] = mtp
+    return loss, grads, expert_counts, metrics

@@ -265,10 +265,12 @@ def make_train_step(
     def pipelined(state: TrainState, batch: Batch, lam):
         model = nnx.merge(graphdef, state.params, state.biases, state.other)
         with suspend_rules():  # the stage shard_map places activations itself
-            loss, grads, counts = pipelined_value_and_grad(model, batch, pipe, mesh, loss_cfg, lam)
+            loss, grads, counts, metrics = pipelined_value_and_grad(
+                model, batch, pipe, mesh, loss_cfg, lam
+            )
         grads = jax.tree.map(lambda p, g: g.astype(p.dtype), state.params, nnx.to_pure_dict(grads))
         dropped = jnp.zeros((counts.shape[0],), jnp.float32)  # the pipeline runs dropless
-        return loss, grads, {}, counts, dropped
+        return loss, grads, metrics, counts, dropped
 
     def grads_and_metrics(state: TrainState, batch: Batch, lam):
         if pipe is not None:

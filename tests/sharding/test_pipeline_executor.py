@@ -132,23 +132,26 @@ def test_deepseek_model_pipelined_equals_plain(name, PP, n_mb):
         (PP,), ("stage",), devices=jax.devices()[:PP], axis_types=(jax.sharding.AxisType.Auto,)
     )
     schedule = BUILDERS[name](PP, n_mb)
-    loss, grads, counts = jax.jit(
+    loss, grads, counts, parts = jax.jit(
         lambda b: pipelined_value_and_grad(model, b, schedule, mesh, lcfg)
     )(batch)
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def ref_loss(p):  # mean over micro-batches of the plain model's total loss
-        total, all_counts = 0.0, 0.0
+        total, all_counts, main = 0.0, 0.0, 0.0
         for m in range(n_mb):
             mb = jax.tree.map(lambda a, m=m: a[m * 2 : (m + 1) * 2], batch)
             out = nnx.merge(graphdef, p, rest)(mb["input_ids"])
-            total = total + total_loss(out, mb, cfg, lcfg)[0] / n_mb
+            loss_m, metrics = total_loss(out, mb, cfg, lcfg)
+            total = total + loss_m / n_mb
+            main = main + metrics["main_loss"] / n_mb
             all_counts = all_counts + out.moe_stats.expert_counts.sum(1)
-        return total, all_counts
+        return total, (all_counts, main)
 
-    (ref, ref_counts), ref_grads = jax.value_and_grad(ref_loss, has_aux=True)(params)
+    (ref, (ref_counts, ref_main)), ref_grads = jax.value_and_grad(ref_loss, has_aux=True)(params)
     assert_close(loss, ref, **MODEL_FP32)
+    assert_close(parts["main_loss"], ref_main, **MODEL_FP32)
     assert_close(counts, ref_counts)
     flat = dict(nnx.to_flat_state(grads))
     for path, g in nnx.to_flat_state(ref_grads):
