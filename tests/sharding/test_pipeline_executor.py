@@ -160,3 +160,47 @@ def test_deepseek_model_pipelined_equals_plain(name, PP, n_mb):
             g[...],
             **MODEL_FP32,
         )
+
+
+def test_pipeline_with_experts_sharded_inside_each_stage():
+    """A stage x expert mesh: the routed experts of each stage split over the expert axis."""
+    from flax import nnx
+
+    from deepseek_jax.config import load_preset
+    from deepseek_jax.losses import LossConfig, total_loss
+    from deepseek_jax.model import DeepSeekModel
+    from deepseek_jax.pipeline_stages import pipelined_value_and_grad
+    from deepseek_jax.sharding.rules import get_rules, param_shardings
+
+    cfg = load_preset("v3-tiny").replace(num_hidden_layers=3, remat="none")
+    model = DeepSeekModel(cfg, rngs=nnx.Rngs(0))
+    mesh = jax.make_mesh(
+        (2, 2),
+        ("stage", "expert"),
+        devices=jax.devices()[:4],
+        axis_types=(jax.sharding.AxisType.Auto,) * 2,
+    )
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, param_shardings(state, mesh, get_rules("ep"))))
+    assert model.moe_layers.ffn.w_gate[...].sharding.spec[1] == "expert"
+    lcfg = LossConfig()
+    ids = jax.random.randint(jax.random.key(1), (4, 8), 0, cfg.vocab_size)
+    batch = {"input_ids": ids, "labels": jnp.roll(ids, -1, 1)}
+    sched = one_f_one_b_schedule(2, 2)
+    loss, grads, _, _ = jax.jit(lambda b: pipelined_value_and_grad(model, b, sched, mesh, lcfg))(
+        batch
+    )
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def ref(p):
+        mbs = [jax.tree.map(lambda a, m=m: a[2 * m : 2 * m + 2], batch) for m in range(2)]
+        return sum(
+            total_loss(nnx.merge(graphdef, p, rest)(mb["input_ids"]), mb, cfg, lcfg)[0] / 2
+            for mb in mbs
+        )
+
+    ref_loss, ref_grads = jax.value_and_grad(ref)(params)
+    assert_close(loss, ref_loss, **MODEL_FP32)
+    flat = dict(nnx.to_flat_state(grads))
+    for path, g in nnx.to_flat_state(ref_grads):
+        assert_close(flat[path][...], g[...], **MODEL_FP32)
