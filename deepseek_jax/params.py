@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.gate import RoutingBias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +41,8 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     sizes: dict[str, int] = {}
     for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         sizes["/".join(str(p) for p in path)] = math.prod(leaf.shape)
-    for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param))):
-        if hasattr(leaf, "shape") and "bias" in str(path[-2:]):
-            sizes["/".join(str(p) for p in path)] = math.prod(leaf.shape)
+    for path, leaf in nnx.to_flat_state(nnx.state(model, RoutingBias)):
+        sizes["/".join(str(p) for p in path)] = math.prod(leaf.shape)
     mtp = sum(v for k, v in sizes.items() if k.startswith("mtp/"))
     main = {k: v for k, v in sizes.items() if not k.startswith("mtp/")}
     routed = sum(v for k, v in main.items() if "/ffn/w_" in k and k.startswith("moe_layers/"))
