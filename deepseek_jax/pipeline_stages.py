@@ -32,16 +32,19 @@ def _stage_merge(tree):
     return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), tree)
 
 
-def _microbatches(batch: dict, M: int) -> dict:
+def split_microbatches(batch: dict, M: int) -> dict:
+    """[B, ...] -> [M, B/M, ...]; micro-batch m takes rows m, m + M, ... so that each keeps the
+    batch's data-parallel split (a row's shard does not move). Gradient accumulation and the
+    pipeline split the same way, so both see the same micro-batches."""
     out = {}
-    for k in BATCH_KEYS:
-        if batch.get(k) is not None:
-            a = batch[k]
-            if a.shape[0] % M:
-                raise ValueError(
-                    f"batch[{k!r}] of {a.shape[0]} rows does not split into {M} micro-batches"
-                )
-            out[k] = a.reshape((M, a.shape[0] // M) + a.shape[1:])
+    for k, a in batch.items():
+        if a is None:
+            continue
+        if a.shape[0] % M:
+            raise ValueError(
+                f"batch[{k!r}] of {a.shape[0]} rows does not split into {M} micro-batches"
+            )
+        out[k] = a.reshape((a.shape[0] // M, M) + a.shape[1:]).swapaxes(0, 1)
     return out
 
 
@@ -80,7 +83,7 @@ def pipelined_value_and_grad(
     params = nnx.State({k: v for k, v in params.items() if k != "moe_layers"})
     rest = nnx.State({k: v for k, v in rest.items() if k != "moe_layers"})
     M = schedule.num_microbatches
-    mbs = _microbatches(batch, M)
+    mbs = split_microbatches({k: batch.get(k) for k in BATCH_KEYS}, M)
     B_mb, T = mbs["input_ids"].shape[1:]
     act = jax.ShapeDtypeStruct((B_mb, T, cfg.hidden_size), cfg.compute_dtype)
     E = cfg.n_routed_experts

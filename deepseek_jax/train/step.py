@@ -30,7 +30,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.gate import RoutingBias, bias_update
 from deepseek_jax.losses import LossConfig, total_loss
 from deepseek_jax.model import DeepSeekModel
-from deepseek_jax.pipeline_stages import pipelined_value_and_grad
+from deepseek_jax.pipeline_stages import pipelined_value_and_grad, split_microbatches
 from deepseek_jax.sharding.logical import suspend_rules, use_rules
 from deepseek_jax.sharding.pipeline import PipelineConfig
 from deepseek_jax.sharding.rules import batch_sharding, param_shardings
@@ -192,16 +192,6 @@ def update_biases(biases: dict, counts: jax.Array, gamma: jax.Array) -> dict:
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
-def _micro_batches(batch: Batch, accum: int) -> Batch:
-    """[B, ...] -> [A, B/A, ...]; micro-batch a takes rows a, a+A, ... so each keeps the batch's
-    device split (the data-parallel shard of a row does not move)."""
-
-    def split(x):
-        return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-
-    return jax.tree.map(split, batch)
-
-
 def make_train_step(
     model_cfg: ModelConfig,
     loss_cfg: LossConfig,
@@ -281,7 +271,7 @@ def make_train_step(
             counts = None if stats is None else stats.expert_counts.sum(1)  # [L, E]
             dropped = None if stats is None else stats.dropped
             return loss, grads, metrics, counts, dropped
-        micro = _micro_batches(batch, accum)  # [A, B/A, T]
+        micro = split_microbatches(batch, accum)  # [A, B/A, T]
         mask = micro.get("loss_mask", jnp.ones_like(micro["labels"]))
         ntok = mask.reshape(accum, -1).sum(-1).astype(jnp.float32)  # [A]
         weights = ntok / jnp.maximum(ntok.sum(), 1.0)  # exact token mean for the main loss

@@ -141,7 +141,7 @@ def test_deepseek_model_pipelined_equals_plain(name, PP, n_mb):
     def ref_loss(p):  # mean over micro-batches of the plain model's total loss
         total, all_counts, main = 0.0, 0.0, 0.0
         for m in range(n_mb):
-            mb = jax.tree.map(lambda a, m=m: a[m * 2 : (m + 1) * 2], batch)
+            mb = jax.tree.map(lambda a, m=m: a[m::n_mb], batch)
             out = nnx.merge(graphdef, p, rest)(mb["input_ids"])
             loss_m, metrics = total_loss(out, mb, cfg, lcfg)
             total = total + loss_m / n_mb
@@ -193,7 +193,7 @@ def test_pipeline_with_experts_sharded_inside_each_stage():
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def ref(p):
-        mbs = [jax.tree.map(lambda a, m=m: a[2 * m : 2 * m + 2], batch) for m in range(2)]
+        mbs = [jax.tree.map(lambda a, m=m: a[m::2], batch) for m in range(2)]
         return sum(
             total_loss(nnx.merge(graphdef, p, rest)(mb["input_ids"]), mb, cfg, lcfg)[0] / 2
             for mb in mbs
