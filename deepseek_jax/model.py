@@ -201,6 +201,22 @@ class DeepSeekModel(nnx.Module):
         moe_stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None
         return ModelOutput(logits, mtp_logits, moe_stats)
 
+    def final_hidden(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        moe_impl: str | None = None,
+        unroll: bool = False,
+    ) -> tuple[jax.Array, MoEStats | None]:
+        """The normalised last hidden state [B, T, D] that `head` maps to logits, and the MoEStats
+        of the main stack; no head and no MTP modules (for log-probs chunked over T)."""
+        ctx = self.context(input_ids, positions, segment_ids, moe_impl, unroll)
+        h = self.embed_and_dense(input_ids, ctx)
+        h, stats = self.run_stack(self.moe_layers, h, ctx)
+        return self.norm(h), stats
+
     # The forward pass in three pieces, so that a pipeline can put them on different stages.
     def context(self, input_ids, positions=None, segment_ids=None, moe_impl=None, unroll=False):
         B, T = input_ids.shape
