@@ -40,7 +40,8 @@ CELLS_TOUR = [
     ),
     (
         "code",
-        "caches = model.init_cache(batch=2, max_len=16)\npos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))\n"
+        "caches = model.init_cache(batch=2, max_len=16)\n"
+        "pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))\n"
         "logits, caches = model.decode(ids[:, :8], caches, pos[:, :8])\n"
         "err = [float(jnp.abs(logits - out.logits[:, :8]).max())]\n"
         "for t in range(8, 16):\n"
