@@ -19,6 +19,7 @@ import yaml
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 ScoringFunc = Literal["softmax", "sigmoid"]
 MoeImpl = Literal["dropless", "capacity"]
+AttentionType = Literal["mla", "mha"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _REMAT = ("none", "full", "dots", "dots_with_no_batch_dims")
@@ -71,6 +72,11 @@ class ModelConfig:
     moe_intermediate_size: int = 2048  # F of one routed/shared expert
     num_hidden_layers: int = 61  # L (not counting MTP modules)
     num_attention_heads: int = 128  # N
+    # Attention type: "mla" (V2/V3) or "mha", standard multi-head attention (grouped-query when
+    # num_key_value_heads < num_attention_heads), as in DeepSeek LLM / DeepSeekMath.
+    attention_type: AttentionType = "mla"
+    num_key_value_heads: int | None = None  # "mha" only; None = num_attention_heads
+    head_dim: int | None = None  # "mha" only; None = hidden_size // num_attention_heads
     # MLA.
     q_lora_rank: int | None = 1536  # Q; None = no query compression (V2-Lite)
     kv_lora_rank: int = 512  # C
@@ -119,6 +125,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 _fail(name, value, "must be a positive integer")
+        self._validate_attention()
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             _fail("q_lora_rank", self.q_lora_rank, "must be a positive integer or None")
         if self.qk_rope_head_dim % 2:
@@ -184,7 +191,44 @@ class ModelConfig:
         if self.capacity_factor <= 0:
             _fail("capacity_factor", self.capacity_factor, "must be positive")
 
+    def _validate_attention(self) -> None:
+        if self.attention_type not in ("mla", "mha"):
+            _fail("attention_type", self.attention_type, "allowed: mla, mha")
+        for name in ("num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                _fail(name, value, "must be a positive integer or None")
+            if self.attention_type == "mla" and name == "num_key_value_heads":
+                if value != self.num_attention_heads:
+                    _fail(name, value, "must equal num_attention_heads (or be None) with MLA")
+        if self.attention_type != "mha":
+            return
+        N, kv = self.num_attention_heads, self.kv_heads
+        if N % kv:
+            _fail("num_key_value_heads", kv, f"must divide num_attention_heads={N}")
+        if self.head_dim is None and self.hidden_size % N:
+            _fail("head_dim", None, f"needed: hidden_size={self.hidden_size} % heads={N} != 0")
+        if self.attn_head_dim % 2:
+            _fail("head_dim", self.attn_head_dim, "must be even (RoPE rotates pairs)")
+
     # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of standard attention (N for MHA, fewer for GQA)."""
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        """Per-head dimension of standard attention (H)."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates: MLA's decoupled rope part, or a whole standard head."""
+        return self.qk_rope_head_dim if self.attention_type == "mla" else self.attn_head_dim
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -212,7 +256,7 @@ class ModelConfig:
     @property
     def softmax_scale(self) -> float:
         """1/sqrt(d_qk), times mscale(factor, mscale_all_dim)^2 under YaRN (V2 report, App. B)."""
-        scale = self.qk_head_dim**-0.5
+        scale = (self.qk_head_dim if self.attention_type == "mla" else self.attn_head_dim) ** -0.5
         rs = self.rope_scaling
         if rs is not None and rs.mscale_all_dim:
             m = yarn_mscale(rs.factor, rs.mscale_all_dim)
@@ -232,18 +276,25 @@ class ModelConfig:
         """
         raw = dict(raw)
         model_type = raw.pop("model_type", None)
-        if model_type is not None and model_type not in ("deepseek_v2", "deepseek_v3"):
+        if model_type is not None and model_type not in ("deepseek_v2", "deepseek_v3", "llama"):
             raise ValueError(
                 f"{source}: model_type={model_type!r} is unsupported "
-                "(allowed: deepseek_v2, deepseek_v3)"
+                "(allowed: deepseek_v2, deepseek_v3, llama)"
             )
+        if model_type == "llama":  # DeepSeek LLM / DeepSeekMath: LlamaForCausalLM checkpoints
+            raw.update(attention_type="mha", n_routed_experts=None, num_nextn_predict_layers=0)
+            raw.setdefault("rope_interleave", False)  # HF Llama rotates half-split pairs
+        # Standard attention keeps the head fields that DeepSeek-V2/V3 files carry as noise.
+        kept = {k: raw.pop(k) for k in ("head_dim",) if k in raw}
         for key in _HF_IGNORED:
             raw.pop(key, None)
+        if raw.get("attention_type") == "mha":
+            raw.update(kept)
         rope_scaling = _parse_rope(raw, source)
         if model_type is not None:  # an HF file: its dtype is the storage dtype, not ours
             raw.pop("torch_dtype", None)
             raw.pop("dtype", None)
-        if "num_key_value_heads" in raw:
+        if "num_key_value_heads" in raw and raw.get("attention_type") != "mha":
             kv = raw.pop("num_key_value_heads")
             if kv not in (None, raw.get("num_attention_heads", kv)):
                 raise ValueError(
@@ -255,7 +306,7 @@ class ModelConfig:
             raw["scoring_func"] = "softmax"
         if raw.get("topk_method") == "group_limited_greedy" and raw.get("scoring_func") is None:
             raw["scoring_func"] = "softmax"
-        if model_type is not None:
+        if model_type in ("deepseek_v2", "deepseek_v3"):
             raw.setdefault("rope_interleave", True)
             # HF files without the key have no MTP modules (V2); null groups mean one group.
             raw.setdefault("num_nextn_predict_layers", 0)
@@ -292,6 +343,8 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The hub-style `config.json` for this architecture (for export)."""
+        if self.attention_type == "mha" and not self.is_moe:
+            return self._to_llama_dict()
         out = {
             k: v
             for k, v in self.to_dict().items()
@@ -314,6 +367,31 @@ class ModelConfig:
             rs = dict(dataclasses.asdict(self.rope_scaling))
             rs["type"] = rs.pop("rope_type")
             out["rope_scaling"] = rs
+        return out
+
+    def _to_llama_dict(self) -> dict[str, Any]:
+        """A dense standard-attention model as the `LlamaForCausalLM` config.json DeepSeek LLM
+        ships (HF Llama rotates half-split pairs: exportable only with rope_interleave=False)."""
+        if self.rope_interleave or self.rope_scaling is not None or self.num_nextn_predict_layers:
+            raise ValueError(
+                "ModelConfig.attention_type='mha' exports as model_type 'llama', which needs "
+                "rope_interleave=False, rope_scaling=None and num_nextn_predict_layers=0; got "
+                f"{self.rope_interleave}, {self.rope_scaling}, {self.num_nextn_predict_layers}"
+            )
+        keys = (
+            "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
+            "rope_theta max_position_embeddings attention_bias rms_norm_eps "
+            "tie_word_embeddings hidden_act initializer_range"
+        ).split()
+        out = {k: getattr(self, k) for k in keys}
+        out.update(
+            model_type="llama",
+            architectures=["LlamaForCausalLM"],
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.attn_head_dim,
+            rope_scaling=None,
+            mlp_bias=False,
+        )
         return out
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.decode_cache import slot_mask, write_slots
 from deepseek_jax.layers import linear, param
 from deepseek_jax.norm import RMSNorm
 from deepseek_jax.rope import apply_rope, rope_tables
@@ -140,29 +141,24 @@ class MLA(nnx.Module):
 
     # ---- latent-cache (absorbed) path ---------------------------------------------------------
     def decode(
-        self, x: jax.Array, positions: jax.Array, cache: LatentCache, index: jax.Array
+        self, x: jax.Array, positions: jax.Array, cache: LatentCache
     ) -> tuple[jax.Array, LatentCache]:
-        """Attends T new tokens at cache slots [index, index + T) over the latent cache.
+        """Writes T new tokens at slots `positions` of their rows, then attends over the latents.
+
+        Slot index == position; the query at position p sees slots s <= p of its own row.
 
         Args:
           x: [B, T, D] new tokens (T = prompt length for prefill, 1 per decode step);
-          positions: [B, T] their positions; cache: LatentCache with S slots; index: [] int32.
+          positions: [B, T] int32 their positions (= cache slots); cache: LatentCache, S slots.
         Returns:
           ([B, T, D], updated cache).
         """
         cfg = self.cfg
-        T = x.shape[1]
-        S = cache.c_kv.shape[1]
         cos, sin = rope_tables(cfg, positions)
         q_nope, q_rope = self._queries(x, cos, sin)
         c_new, k_new = self._latents(x, cos, sin)
         cache = LatentCache(
-            jax.lax.dynamic_update_slice_in_dim(
-                cache.c_kv, c_new.astype(cache.c_kv.dtype), index, 1
-            ),
-            jax.lax.dynamic_update_slice_in_dim(
-                cache.k_rope, k_new.astype(cache.k_rope.dtype), index, 1
-            ),
+            write_slots(cache.c_kv, c_new, positions), write_slots(cache.k_rope, k_new, positions)
         )
         wkv_b = self.wkv_b[...].astype(cfg.compute_dtype)
         w_uk, w_uv = jnp.split(wkv_b, [cfg.qk_nope_head_dim], axis=-1)  # [C, N, nope], [C, N, v]
@@ -175,9 +171,8 @@ class MLA(nnx.Module):
             cache.k_rope.astype(q_rope.dtype),
             preferred_element_type=jnp.float32,
         )
-        q_idx = index + jnp.arange(T)
-        mask = jnp.arange(S)[None, :] <= q_idx[:, None]  # [T, S] causal over filled slots
-        probs = self._softmax(scores, mask[None, None])  # [B, N, T, S]
+        mask = slot_mask(positions, cache.c_kv.shape[1])  # [B, T, S]
+        probs = self._softmax(scores, mask[:, None])  # [B, N, T, S]
         out_lat = jnp.einsum("bnts,bsc->btnc", probs.astype(c_kv.dtype), c_kv)  # [B, T, N, C]
         out = jnp.einsum("btnc,cnv->btnv", out_lat, w_uv)  # W^UV after attention  [B, T, N, v]
         return linear(out, self.wo[...], cfg, in_dims=2), cache

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax.attention import Attention, KVCache, init_kv_cache
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, linear, param
 from deepseek_jax.mla import MLA, LatentCache, init_cache
@@ -25,14 +26,19 @@ ACT_BTD = ("batch", "seq", "embed")
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder layer: h += MLA(norm(h)); h += FFN-or-MoE(norm(h))."""
+    """Pre-norm decoder layer: h += Attn(norm(h)); h += FFN-or-MoE(norm(h)).
+
+    Attn is MLA or standard MHA/GQA attention, as `cfg.attention_type` says.
+    """
 
     def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
         self.cfg = cfg
         self.attn_norm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype
         )
-        self.attn = MLA(cfg, rngs=rngs)
+        self.attn = (
+            MLA(cfg, rngs=rngs) if cfg.attention_type == "mla" else Attention(cfg, rngs=rngs)
+        )
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
         self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
@@ -48,8 +54,9 @@ class Block(nnx.Module):
         y, stats = self._ffn(h, token_mask, moe_impl)
         return constrain(h + y.astype(h.dtype), ACT_BTD), stats
 
-    def decode(self, h, positions, cache: LatentCache, index):
-        a, cache = self.attn.decode(self.attn_norm(h), positions, cache, index)
+    def decode(self, h, positions, cache: LatentCache | KVCache):
+        """h [B, T, D] at positions [B, T] (= cache slots) -> (h, updated cache)."""
+        a, cache = self.attn.decode(self.attn_norm(h), positions, cache)
         h = h + a.astype(h.dtype)
         y, _ = self._ffn(h, None, None)
         return h + y.astype(h.dtype), cache
@@ -269,37 +276,53 @@ class DeepSeekModel(nnx.Module):
         )
         return logits, mtp_logits, stats
 
-    # ---- inference with the latent cache ----------------------------------------------------
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[LatentCache]:
-        """One stacked LatentCache per layer stack ([L, B, S, C] and [L, B, S, R])."""
+    # ---- inference with the attention cache ---------------------------------------------------
+    def init_cache(
+        self, batch: int, max_len: int, dtype=jnp.float32
+    ) -> list[LatentCache | KVCache]:
+        """One cache per layer stack, stacked on a leading layers axis: MLA's LatentCache
+        ([L, B, S, C], [L, B, S, R]) or standard attention's KVCache ([L, B, S, N_kv, H] twice)."""
+        cfg = self.cfg
         caches = []
         for layers, n in (
-            (self.dense_layers, self.cfg.num_dense_layers),
-            (self.moe_layers, self.cfg.num_moe_layers),
+            (self.dense_layers, cfg.num_dense_layers),
+            (self.moe_layers, cfg.num_moe_layers),
         ):
             if layers is not None:
-                c = init_cache(self.cfg, batch, max_len, dtype)
+                if cfg.attention_type == "mla":
+                    c = init_cache(cfg, batch, max_len, dtype)
+                else:
+                    c = init_kv_cache(cfg, batch, max_len, dtype)
                 caches.append(jax.tree.map(lambda a, n=n: jnp.broadcast_to(a, (n,) + a.shape), c))
         return caches
 
-    def decode(self, input_ids: jax.Array, caches: list[LatentCache], index: jax.Array):
-        """Runs T new tokens at positions [index, index + T) through the absorbed-MLA path.
+    def decode(
+        self, input_ids: jax.Array, caches: list[LatentCache | KVCache], positions: jax.Array
+    ):
+        """Runs T new tokens of each row at `positions` through the cached attention path.
+
+        Slot index == position (see decode_cache.py): row b's tokens are written at slots
+        positions[b, :] and each attends the slots up to its own position.
 
         Args:
-          input_ids: [B, T]; caches: from `init_cache`; index: [] int32 first free slot.
+          input_ids: [B, T]; caches: from `init_cache`; positions: [B, T] int32.
         Returns:
           (logits [B, T, V] fp32, updated caches).
         """
-        B, T = input_ids.shape
-        positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        positions = jnp.asarray(positions, jnp.int32)
+        if positions.shape != input_ids.shape:
+            raise ValueError(
+                f"decode: positions{positions.shape} must match input_ids{input_ids.shape}"
+            )
+        kind = LatentCache if self.cfg.attention_type == "mla" else KVCache
         h = self._embed(input_ids)
 
         def layer_fn(layer, h, cache):
-            return layer.decode(h, positions, LatentCache(*cache), index)
+            return layer.decode(h, positions, kind(*cache))
 
         new = []
         stacks = [s for s in (self.dense_layers, self.moe_layers) if s is not None]
         for layers, cache in zip(stacks, caches, strict=True):
             h, c = scan_layers(layers, h, layer_fn, tuple(cache), remat="none", unroll=False)
-            new.append(LatentCache(*c))
+            new.append(kind(*c))
         return self.head(self.norm(h)), new

@@ -2,6 +2,7 @@
 
     python -m deepseek_jax.plan --config configs/deepseek-v3-671b.yaml \\
         --mesh fsdp=32,expert=64 --rules fsdp_ep --seq 4096
+    python -m deepseek_jax.plan --scaling 1e21   # DeepSeek LLM's scaling laws (scaling.py)
 
 The train step (`deepseek_jax.train.step.make_train_step`) is traced and lowered for the target
 platform on an `AbstractMesh` (e.g. 2048 devices) with abstract, sharded inputs: nothing is
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from deepseek_jax import scaling
 from deepseek_jax.config import ModelConfig, load_preset
 from deepseek_jax.losses import LossConfig
 from deepseek_jax.params import count_params
@@ -295,7 +297,8 @@ def _activation_estimate(cfg: ModelConfig, mesh_shape, rules, B_l, T, tokens_buf
     saved = layers * B_l * T * D * b
     logits = (1 + cfg.num_nextn_predict_layers) * B_l * T * (cfg.vocab_size // tp_vocab) * 4 * 2
     heads = cfg.num_attention_heads // tp_heads
-    attn = 2 * B_l * heads * T * T * 4 + 4 * B_l * T * heads * cfg.qk_head_dim * b
+    d_qk = cfg.qk_head_dim if cfg.attention_type == "mla" else cfg.attn_head_dim
+    attn = 2 * B_l * heads * T * T * 4 + 4 * B_l * T * heads * d_qk * b
     moe = 0
     if cfg.is_moe:
         F_l = cfg.moe_intermediate_size // tp_ffn
@@ -502,10 +505,17 @@ def _load_config(name: str) -> ModelConfig:
     return load_preset(os.path.splitext(os.path.basename(name))[0])
 
 
-def main(argv: Sequence[str] | None = None) -> Plan:
+def main(argv: Sequence[str] | None = None) -> Plan | scaling.Recommendation:
     parser = argparse.ArgumentParser(prog="python -m deepseek_jax.plan", description=__doc__)
-    parser.add_argument("--config", required=True, help="YAML/JSON file or preset name")
-    parser.add_argument("--mesh", required=True, help="e.g. fsdp=32,expert=64 or stage=16,...")
+    parser.add_argument("--config", help="YAML/JSON file or preset name")
+    parser.add_argument("--mesh", help="e.g. fsdp=32,expert=64 or stage=16,...")
+    parser.add_argument(
+        "--scaling",
+        type=float,
+        default=None,
+        metavar="C",
+        help="print DeepSeek LLM's scaling-law recommendation for compute C (FLOPs) and exit",
+    )
     parser.add_argument("--rules", default="fsdp_ep", help="sharding rules preset")
     parser.add_argument("--batch", type=int, default=None, help="global sequences per step")
     parser.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
@@ -519,6 +529,15 @@ def main(argv: Sequence[str] | None = None) -> Plan:
     parser.add_argument("--platform", default="cuda", help="lowering platform: cuda, tpu, ...")
     parser.add_argument("--dtype", default=None, help="override the compute dtype")
     args = parser.parse_args(argv)
+    if args.scaling is not None:
+        try:
+            rec = scaling.recommend(args.scaling, seq_len=args.seq)
+        except ValueError as e:
+            parser.error(f"--scaling: {e}")
+        print(scaling.format_recommendation(rec))
+        return rec
+    if args.config is None or args.mesh is None:
+        parser.error("--config and --mesh are required (or --scaling C)")
     cfg = _load_config(args.config)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)

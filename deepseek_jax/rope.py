@@ -60,7 +60,7 @@ def cos_sin_scale(scaling: RopeScaling | None) -> float:
 
 def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos, sin tables [B, T, R/2] (float32) for integer positions [B, T]."""
-    inv = jnp.asarray(inv_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling))
+    inv = jnp.asarray(inv_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling))
     angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, R/2]
     scale = cos_sin_scale(cfg.rope_scaling)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale

@@ -41,10 +41,11 @@ CELLS_TOUR = [
     (
         "code",
         "caches = model.init_cache(batch=2, max_len=16)\n"
-        "logits, caches = model.decode(ids[:, :8], caches, jnp.int32(0))\n"
+        "pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))\n"
+        "logits, caches = model.decode(ids[:, :8], caches, pos[:, :8])\n"
         "err = [float(jnp.abs(logits - out.logits[:, :8]).max())]\n"
         "for t in range(8, 16):\n"
-        "    step, caches = model.decode(ids[:, t:t+1], caches, jnp.int32(t))\n"
+        "    step, caches = model.decode(ids[:, t:t+1], caches, pos[:, t:t+1])\n"
         "    err.append(float(jnp.abs(step[:, 0] - out.logits[:, t]).max()))\n"
         "print('max |absorbed - naive| =', max(err))\nassert max(err) < 1e-4",
     ),

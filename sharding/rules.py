@@ -38,6 +38,7 @@ RULE_PRESETS: dict[str, dict[str, MeshAxes]] = {
         "batch": _BATCH,
         "experts": "expert",
         "heads": "tensor",
+        "kv_heads": "tensor",  # standard attention's K/V heads (GQA: fewer than `heads`)
         "mlp": "tensor",
         "expert_mlp": "tensor",
         "vocab": "tensor",
@@ -50,6 +51,7 @@ RULE_PRESETS: dict[str, dict[str, MeshAxes]] = {
         "embed": "fsdp",
         "experts": "expert",
         "heads": "tensor",
+        "kv_heads": "tensor",  # standard attention's K/V heads (GQA: fewer than `heads`)
         "mlp": "tensor",
         "expert_mlp": "tensor",
         "vocab": "tensor",

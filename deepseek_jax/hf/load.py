@@ -1,4 +1,7 @@
-"""`load_pretrained`: a DeepSeek-V2/V3 model from a hub checkpoint folder or our Orbax checkpoint.
+"""`load_pretrained`: a DeepSeek model from a hub checkpoint folder or our Orbax checkpoint.
+
+Hub folders: DeepSeek-V2/V3 (`deepseek_v2`, `deepseek_v3`) and DeepSeek LLM / DeepSeekMath, whose
+checkpoints are `LlamaForCausalLM` (`llama`: standard attention, dense FFN in every layer).
 
 A hub folder is opened in two steps. `open_hf` reads config.json and every safetensors header
 (cheap: a few KB per shard) and checks them against `mapping.param_maps(cfg)`: each missing,
@@ -62,9 +65,10 @@ def read_hf_config(directory: str) -> tuple[ModelConfig, dict[str, Any], st.Fp8F
         except json.JSONDecodeError as e:
             raise st.CheckpointError(f"{path}: invalid JSON ({e})") from None
     model_type = raw.get("model_type")
-    if model_type not in ("deepseek_v2", "deepseek_v3"):
+    if model_type not in ("deepseek_v2", "deepseek_v3", "llama"):
         raise st.CheckpointError(
-            f"{path}: model_type={model_type!r} is unsupported (allowed: deepseek_v2, deepseek_v3)"
+            f"{path}: model_type={model_type!r} is unsupported "
+            "(allowed: deepseek_v2, deepseek_v3, llama)"
         )
     fp8 = st.Fp8Format.from_config(raw, path)
     for key in ("attention_bias", "mlp_bias"):
@@ -456,7 +460,7 @@ def load_pretrained(
     rules: Mapping[str, Any] | None = None,
     config: ModelConfig | None = None,
 ):
-    """Loads a DeepSeek-V2/V2-Lite/V3/R1 model.
+    """Loads a DeepSeek-V2/V2-Lite/V3/R1, DeepSeek LLM or DeepSeekMath model.
 
     Args:
       path: a hub checkpoint folder (config.json + model.safetensors, or shards with

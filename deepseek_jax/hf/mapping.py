@@ -139,7 +139,9 @@ def _block_maps(
         norm(("attn_norm", "weight"), "input_layernorm.weight", D),
         norm(("ffn_norm", "weight"), "post_attention_layernorm.weight", D),
     ]
-    if cfg.q_lora_rank is not None:
+    if cfg.attention_type == "mha":
+        out += _mha_maps(cfg, lin)
+    elif cfg.q_lora_rank is not None:
         Q = cfg.q_lora_rank
         out += [
             lin(("attn", "wq_a"), "self_attn.q_a_proj.weight", (D, Q), (Q, D)),
@@ -148,12 +150,13 @@ def _block_maps(
         ]
     else:
         out.append(lin(("attn", "wq"), "self_attn.q_proj.weight", (D, N, H), (N * H, D)))
-    out += [
-        lin(("attn", "wkv_a"), "self_attn.kv_a_proj_with_mqa.weight", (D, C + R), (C + R, D)),
-        norm(("attn", "kv_norm", "weight"), "self_attn.kv_a_layernorm.weight", C),
-        lin(("attn", "wkv_b"), "self_attn.kv_b_proj.weight", (C, N, nope_v), (N * nope_v, C)),
-        lin(("attn", "wo"), "self_attn.o_proj.weight", (N, v, D), (D, N * v)),
-    ]
+    if cfg.attention_type == "mla":
+        out += [
+            lin(("attn", "wkv_a"), "self_attn.kv_a_proj_with_mqa.weight", (D, C + R), (C + R, D)),
+            norm(("attn", "kv_norm", "weight"), "self_attn.kv_a_layernorm.weight", C),
+            lin(("attn", "wkv_b"), "self_attn.kv_b_proj.weight", (C, N, nope_v), (N * nope_v, C)),
+            lin(("attn", "wo"), "self_attn.o_proj.weight", (N, v, D), (D, N * v)),
+        ]
     if not moe:
         F = cfg.intermediate_size
         return out + _mlp_maps(lin, ("ffn",), "mlp.", D, F)
@@ -180,6 +183,21 @@ def _block_maps(
         Fs = F * cfg.n_shared_experts
         out += _mlp_maps(lin, ("ffn", "shared"), "mlp.shared_experts.", D, Fs)
     return out
+
+
+def _mha_maps(cfg: ModelConfig, lin) -> list[ParamMap]:
+    """Standard attention as in `LlamaForCausalLM` (DeepSeek LLM / DeepSeekMath): q/k/v/o_proj.
+
+    The hub stores q and k already permuted for half-split RoPE (what HF Llama applies), and
+    `cfg.rope_interleave=False` rotates the same pairs, so the weights map without permutation.
+    """
+    D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.attn_head_dim
+    return [
+        lin(("attn", "wq"), "self_attn.q_proj.weight", (D, N, H), (N * H, D)),
+        lin(("attn", "wk"), "self_attn.k_proj.weight", (D, K, H), (K * H, D)),
+        lin(("attn", "wv"), "self_attn.v_proj.weight", (D, K, H), (K * H, D)),
+        lin(("attn", "wo"), "self_attn.o_proj.weight", (N, H, D), (D, N * H)),
+    ]
 
 
 def _mlp_maps(lin, path: Path, prefix: str, D: int, F: int) -> list[ParamMap]:

@@ -69,6 +69,9 @@ class TrainConfig:
       progress: show a tqdm progress bar.
       tensorboard: write TensorBoard event files to <run_dir>/tb.
       peak_flops: peak FLOP/s of one device for MFU; None = the table in flops.py.
+      scaling_compute: a compute budget C (FLOPs); when set, `load_run_config` replaces lr,
+        steps and data.global_batch_size with DeepSeek LLM's scaling laws (deepseek_jax.scaling:
+        eta_opt(C), B_opt(C) / seq_len rows, (C / M) / tokens per step).
     """
 
     steps: int = 10000
@@ -99,6 +102,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     peak_flops: float | None = None
+    scaling_compute: float | None = None
 
     def __post_init__(self):
         c = "TrainConfig"
@@ -138,6 +142,8 @@ class TrainConfig:
                 _fail(c, name, value, "must be >= 0 or null")
         if self.peak_flops is not None and self.peak_flops <= 0:
             _fail(c, "peak_flops", self.peak_flops, "must be positive or null (device table)")
+        if self.scaling_compute is not None and not 0 < self.scaling_compute < float("inf"):
+            _fail(c, "scaling_compute", self.scaling_compute, "a positive FLOP count or null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,7 +436,12 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
                 target[p] = {}
             target = target[p]
         target[parts[-1]] = value
-    return RunConfig(
+    run = RunConfig(
         model=_build_model(raw["model"], path),
         **{s: _build(SECTIONS[s], raw[s], s) for s in SECTIONS if s != "model"},
     )
+    if run.train.scaling_compute is not None:
+        from deepseek_jax.scaling import apply_to_run  # scaling imports train.flops
+
+        run = apply_to_run(run, run.train.scaling_compute)
+    return run

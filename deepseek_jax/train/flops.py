@@ -89,6 +89,14 @@ def mla_weights(cfg: ModelConfig) -> int:
     return q + D * (C + R) + C * N * (cfg.qk_nope_head_dim + d_v) + N * d_v * D
 
 
+def attention_weights(cfg: ModelConfig) -> int:
+    """Weights of one attention layer: MLA's, or standard MHA/GQA's D (N + 2 N_kv) H + N H D."""
+    if cfg.attention_type == "mla":
+        return mla_weights(cfg)
+    D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.attn_head_dim
+    return D * (N + 2 * K) * H + N * H * D
+
+
 def ffn_weights(cfg: ModelConfig, moe: bool) -> int:
     """Weights of one dense FFN or the activated part of one MoE layer."""
     D = cfg.hidden_size
@@ -100,7 +108,10 @@ def ffn_weights(cfg: ModelConfig, moe: bool) -> int:
 
 def attention_core(cfg: ModelConfig, seq_len: int, causal: bool = True) -> int:
     """Training FLOPs of q.k and p.v for one token in one layer (halved when causal)."""
-    full = 6 * cfg.num_attention_heads * seq_len * (cfg.qk_head_dim + cfg.v_head_dim)
+    d_qk, d_v = cfg.qk_head_dim, cfg.v_head_dim
+    if cfg.attention_type == "mha":
+        d_qk = d_v = cfg.attn_head_dim
+    full = 6 * cfg.num_attention_heads * seq_len * (d_qk + d_v)
     return full // 2 if causal else full
 
 
@@ -120,13 +131,13 @@ def flops_per_token(
     """
     D, V = cfg.hidden_size, cfg.vocab_size
     main = (
-        cfg.num_hidden_layers * mla_weights(cfg)
+        cfg.num_hidden_layers * attention_weights(cfg)
         + cfg.num_dense_layers * ffn_weights(cfg, moe=False)
         + cfg.num_moe_layers * ffn_weights(cfg, moe=cfg.is_moe)
         + D * V
     )
     n_mtp = cfg.num_nextn_predict_layers if include_mtp else 0
-    mtp = n_mtp * (2 * D * D + mla_weights(cfg) + ffn_weights(cfg, moe=cfg.is_moe) + D * V)
+    mtp = n_mtp * (2 * D * D + attention_weights(cfg) + ffn_weights(cfg, moe=cfg.is_moe) + D * V)
     attn = (cfg.num_hidden_layers + n_mtp) * attention_core(cfg, seq_len, causal)
     return FlopsPerToken(weights_main=main, weights_mtp=mtp, attention=attn)
 
