@@ -165,3 +165,23 @@ def test_all_padding_rows_do_not_dilute_balance_losses(loss):
     pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:, :1])], axis=1)  # noqa: E731
     padded = MoEStats(pad(counts), pad(sums), pad(groups), jnp.zeros(()), pad(real.tokens))
     assert float(loss(padded, cfg)) == pytest.approx(float(loss(real, cfg)), rel=1e-6)
+
+
+# ---- item 5: FP32 weight gradients under BF16 compute -------------------------------------------
+def test_weight_gradient_is_fp32_accumulated_under_bf16_compute():
+    cfg = load_preset("v3-tiny").replace(dtype="bfloat16", param_dtype="float32")
+    rng = np.random.default_rng(0)
+    # bf16-representable inputs, so the only rounding left is that of dW itself
+    x = jnp.asarray(rng.normal(size=(64, 32)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(64, 16)), jnp.bfloat16)
+
+    def f(w):
+        from deepseek_jax.layers import linear
+
+        return (linear(x, w, cfg).astype(jnp.float32) * g.astype(jnp.float32)).sum()
+
+    dw = jax.grad(f)(w)
+    assert dw.dtype == jnp.float32
+    expect = np.asarray(x, np.float64).T @ np.asarray(g, np.float64)  # V3 Sec. 3.3.3: FP32 dW
+    assert_close(dw, expect, jnp.float32)

@@ -5,8 +5,9 @@ Each logged step appends one JSON object to metrics.jsonl with (at least) `step`
 `skipped`, and per MoE layer (MTP layers last) `expert_load_max` / `expert_load_min` (the busiest
 and idlest expert's token count over the mean count) and `dropped` (fraction of token-expert
 assignments dropped; 0 for the dropless path), plus their means over layers. `tokens_per_s`
-counts all B x T positions of the global batch (padding included) over the steps since the last
-log line, excluding the first step of an invocation (compilation). A resumed run appends
+counts the real (non-padding, `loss_mask`) tokens over the steps since the last log line,
+excluding the first step of an invocation (compilation); where padding made them differ,
+`positions_per_s` counts all B x T positions as well (`token_rates`). A resumed run appends
 to the same file, so a step may appear more than once; the last occurrence is the one that counts.
 
 Only process 0 writes; the other processes' loggers are inert.
@@ -25,6 +26,32 @@ import numpy as np
 
 _BAR_KEYS = ("loss", "tokens_per_s")
 _LAYER_KEYS = ("expert_load_max", "expert_load_min", "dropped")
+
+
+def real_tokens(batch: dict[str, Any], scale: int = 1) -> float:
+    """Non-padding tokens of a host batch (its `loss_mask`; every position without one) x scale.
+
+    `scale`: hosts whose batches make up the global one (each host counts only its rows).
+    """
+    mask = batch.get("loss_mask")
+    n = np.asarray(batch["input_ids"]).size if mask is None else float(np.asarray(mask).sum())
+    return float(n) * scale
+
+
+def token_rates(
+    steps: int, batch_shape: tuple[int, int], real_tokens: float, seconds: float
+) -> dict[str, float]:
+    """Throughput over `steps` steps of [B, T] batches holding `real_tokens` non-padding tokens.
+
+    Returns `tokens_per_s` (real tokens) and, only where padding makes it differ,
+    `positions_per_s` (all B x T positions, what the hardware processed).
+    """
+    B, T = batch_shape
+    out = {"tokens_per_s": real_tokens / seconds}
+    positions = steps * B * T
+    if real_tokens != positions:
+        out["positions_per_s"] = positions / seconds
+    return out
 
 
 def to_python(metrics: dict[str, Any]) -> dict[str, Any]:
