@@ -31,7 +31,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from deepseek_jax.data.packing import ChunkDocument, pack, pad_batch
+from deepseek_jax.data.packing import ChunkDocument, pack, pad_batch, without_document_masks
 from deepseek_jax.data.sources import FORMATS, open_source
 from deepseek_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -65,6 +65,10 @@ class DataConfig:
       prefetch_batches: batches prepared ahead in a background thread (0 = none; the shipped
         corpus needs none, ~5 ms per batch). With a thread, call the iterator's `close()` when
         done so it does not outlive the interpreter's modules.
+      document_masking: True (default): a packed chunk attends only within itself and its
+        positions restart at 0. False: DeepSeek-V3's packing (V3 report Sec. 4.1, "we do not
+        incorporate cross-sample attention masking"): one segment per row, positions run on
+        across documents; only padding is masked (`packing.without_document_masks`).
     """
 
     paths: tuple[str, ...] = (str(SHIPPED_TRAIN),)
@@ -80,6 +84,7 @@ class DataConfig:
     packing_bins: int = 32
     read_threads: int = 1
     prefetch_batches: int = 0
+    document_masking: bool = True
 
     def __post_init__(self):
         paths = self.paths
@@ -122,6 +127,8 @@ class DataConfig:
             _fail("num_epochs", self.num_epochs, "must be an integer >= 1, or None (forever)")
         if not isinstance(self.shuffle, bool):
             _fail("shuffle", self.shuffle, "must be true or false")
+        if not isinstance(self.document_masking, bool):
+            _fail("document_masking", self.document_masking, "must be true or false")
 
 
 def _stage_seed(seed: int, process_index: int, stage: int) -> int:
@@ -208,6 +215,8 @@ def make_dataset(
         seed=_stage_seed(seed, process_index, 2),
         shuffle_bins=cfg.shuffle,
     )
+    if not cfg.document_masking:
+        rows = rows.map(without_document_masks)
     batches = rows.batch(local_batch).map(
         functools.partial(pad_batch, batch_size=local_batch, pad_id=tokenizer.pad_id)
     )
