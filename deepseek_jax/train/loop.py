@@ -235,12 +235,18 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
         graphdef, state = init_train_state(cfg.model, tcfg, seed=tcfg.seed, mesh=mesh, rules=rules)
         start = 0
     step_fn = make_train_step(
-        cfg.model, cfg.loss, tcfg, graphdef, mesh=mesh, rules=rules, pipeline=cfg.pipeline
+        cfg.model,
+        cfg.loss,
+        tcfg,
+        graphdef,
+        mesh=mesh,
+        rules=rules,
+        pipeline=cfg.pipeline,
+        data=cfg.data,
     )
     sharding = batch_sharding(mesh, rules)
 
-    B, T = cfg.data.global_batch_size, cfg.data.seq_len
-    flops_token = flops_per_token(cfg.model, T).total
+    flops_token = flops_per_token(cfg.model, cfg.data.seq_len).total
     try:
         peak, peak_source = describe_peak(override=tcfg.peak_flops)
         _say(f"MFU peak per device {peak:.3g} FLOP/s: {peak_source}")
@@ -256,7 +262,7 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
         progress=tcfg.progress,
     )
     step, mark, pending, saved = start, None, None, start if restored is not None else -1
-    counted, hosts = 0.0, 1 if full_batch else jax.process_count()  # real tokens since `mark`
+    counted, hosts = (0.0, 0.0), 1 if full_batch else jax.process_count()  # since `mark`
     try:
         with StopSignals() as signals:
             while step < tcfg.steps:
@@ -267,10 +273,12 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
                     break
                 state, metrics = step_fn(state, to_global(local, sharding, full_batch=full_batch))
                 step += 1
-                counted += real_tokens(local, hosts)
+                counted = tuple(
+                    a + b for a, b in zip(counted, real_tokens(local, hosts), strict=True)
+                )
                 if mark is None:  # the first step of this invocation includes compilation
                     jax.block_until_ready(metrics)
-                    mark, counted = (time.time(), step), 0.0
+                    mark, counted = (time.time(), step), (0.0, 0.0)
                 elif pending is not None:
                     jax.block_until_ready(pending)  # keep at most one step in flight
                 pending = metrics["loss"]
@@ -280,12 +288,12 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
                     now = time.time()
                     n = step - mark[1]
                     if n > 0:
-                        host.update(token_rates(n, (B, T), counted, now - mark[0]))
+                        host.update(token_rates(*counted, now - mark[0]))
                         rate = host["tokens_per_s"]  # non-padding tokens: MFU counts useful work
                         host["step_time_s"] = (now - mark[0]) / n
                         if peak is not None:
                             host["mfu"] = mfu(rate, flops_token, jax.device_count(), peak)
-                    mark, counted = (now, step), 0.0
+                    mark, counted = (now, step), (0.0, 0.0)
                     record = logger.log(step, host)
                     if jax.process_index() == 0:
                         line = _log_line(step, record)

@@ -28,27 +28,24 @@ _BAR_KEYS = ("loss", "tokens_per_s")
 _LAYER_KEYS = ("expert_load_max", "expert_load_min", "dropped")
 
 
-def real_tokens(batch: dict[str, Any], scale: int = 1) -> float:
-    """Non-padding tokens of a host batch (its `loss_mask`; every position without one) x scale.
+def real_tokens(batch: dict[str, Any], scale: int = 1) -> tuple[float, float]:
+    """(non-padding tokens, positions) of a host batch (real = its `loss_mask`) x scale.
 
     `scale`: hosts whose batches make up the global one (each host counts only its rows).
     """
+    positions = float(np.asarray(batch["input_ids"]).size)
     mask = batch.get("loss_mask")
-    n = np.asarray(batch["input_ids"]).size if mask is None else float(np.asarray(mask).sum())
-    return float(n) * scale
+    n = positions if mask is None else float(np.asarray(mask).sum())
+    return n * scale, positions * scale
 
 
-def token_rates(
-    steps: int, batch_shape: tuple[int, int], real_tokens: float, seconds: float
-) -> dict[str, float]:
-    """Throughput over `steps` steps of [B, T] batches holding `real_tokens` non-padding tokens.
+def token_rates(real_tokens: float, positions: float, seconds: float) -> dict[str, float]:
+    """Throughput of `positions` B x T positions holding `real_tokens` non-padding tokens.
 
     Returns `tokens_per_s` (real tokens) and, only where padding makes it differ,
-    `positions_per_s` (all B x T positions, what the hardware processed).
+    `positions_per_s` (all positions, what the hardware processed).
     """
-    B, T = batch_shape
     out = {"tokens_per_s": real_tokens / seconds}
-    positions = steps * B * T
     if real_tokens != positions:
         out["positions_per_s"] = positions / seconds
     return out

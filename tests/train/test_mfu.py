@@ -54,12 +54,14 @@ def test_cpu_peak_without_clock_or_calibration_is_an_error(monkeypatch):
 
 
 def test_real_token_rate_excludes_padding():
-    from deepseek_jax.train.metrics import token_rates
+    from deepseek_jax.train.metrics import real_tokens, token_rates
 
     mask = np.ones((2, 4), np.int32)
     mask[1, 2:] = 0  # two padding positions
-    rates = token_rates(steps=3, batch_shape=(2, 4), real_tokens=3 * float(mask.sum()), seconds=2)
+    batch = {"input_ids": np.zeros((2, 4), np.int32), "loss_mask": mask}
+    assert real_tokens(batch) == (6.0, 8.0)
+    assert real_tokens(batch, scale=2) == (12.0, 16.0)
+    rates = token_rates(3 * 6.0, 3 * 8.0, seconds=2)
     assert rates["tokens_per_s"] == pytest.approx(3 * 6 / 2)
     assert rates["positions_per_s"] == pytest.approx(3 * 8 / 2)
-    full = token_rates(steps=1, batch_shape=(2, 4), real_tokens=8.0, seconds=1)
-    assert "positions_per_s" not in full  # both numbers only where they differ
+    assert "positions_per_s" not in token_rates(8.0, 8.0, 1)  # both only where they differ
