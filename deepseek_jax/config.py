@@ -102,6 +102,9 @@ class ModelConfig:
     moe_layer_freq: int = 1
     moe_impl: MoeImpl = "dropless"
     capacity_factor: float = 1.25  # used by moe_impl="capacity"
+    # V2 balance losses per sequence, then averaged (DeepSeek's MoEGate with the shipped
+    # config.json `seq_aux: true`); false: over the whole batch. See losses.py.
+    seq_aux: bool = True
     # MTP.
     num_nextn_predict_layers: int = 1
     # Misc.
@@ -408,7 +411,6 @@ _HF_IGNORED = (
     "pretraining_tp",
     "quantization_config",
     "aux_loss_alpha",
-    "seq_aux",
     "ep_size",
     "initializer_range_",
     "output_router_logits",

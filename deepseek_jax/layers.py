@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -24,6 +25,33 @@ def param(
     return nnx.Param(value.astype(cfg.weight_dtype), logical_axes=axes)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_dot(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
+    """x [M, K] @ w [K, N] in `compute_dtype`, with the weight gradient kept in w's dtype.
+
+    Autodiff of `dot(x, w.astype(bf16))` forms dW in BF16 and only then casts it to the FP32
+    master weight, so every weight gradient is rounded to 8 mantissa bits. DeepSeek-V3 keeps
+    weight gradients in FP32 next to FP32 master weights (V3 report Sec. 3.3.3): here dW
+    accumulates in FP32 (`preferred_element_type`) and is returned in w.dtype; dx is in x.dtype.
+    """
+    return jnp.dot(x.astype(compute_dtype), w.astype(compute_dtype))
+
+
+def _mixed_dot_fwd(x, w, compute_dtype):
+    return mixed_dot(x, w, compute_dtype), (x, w)
+
+
+def _mixed_dot_bwd(compute_dtype, res, g):
+    x, w = res
+    g = g.astype(compute_dtype)
+    dx = jnp.dot(g, w.astype(compute_dtype).T, preferred_element_type=jnp.float32)  # [M, K]
+    dw = jnp.dot(x.astype(compute_dtype).T, g, preferred_element_type=jnp.float32)  # [K, N]
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
+
+
 def linear(x: jax.Array, w: jax.Array, cfg: ModelConfig, in_dims: int = 1) -> jax.Array:
     """Contracts the last `in_dims` axes of x with the first `in_dims` axes of w.
 
@@ -42,9 +70,12 @@ def linear(x: jax.Array, w: jax.Array, cfg: ModelConfig, in_dims: int = 1) -> ja
     if cfg.fp8:
         from deepseek_jax.kernels.fp8_matmul import fp8_linear
 
-        y = fp8_linear(x2, w2.astype(cfg.compute_dtype)).astype(cfg.compute_dtype)
+        # the master weight goes in as is: fp8_linear returns dW in its dtype (FP32)
+        y = fp8_linear(x2, w2).astype(cfg.compute_dtype)
+    elif jnp.dtype(w2.dtype) != jnp.dtype(cfg.compute_dtype):
+        y = mixed_dot(x2, w2, cfg.compute_dtype)  # FP32 weight gradient under BF16 compute
     else:
-        y = jnp.dot(x2, w2.astype(cfg.compute_dtype))
+        y = jnp.dot(x2, w2)
     return y.reshape(lead + n_shape)
 
 

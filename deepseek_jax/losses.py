@@ -4,11 +4,15 @@ Balance losses are computed from `MoEStats` (per-layer, per-sequence counts and 
   * V3 complementary sequence-wise loss (V3 eq. 17-20):
       f_i = E / (K T) * sum_t 1[i in topk(t)],  P_i = 1/T * sum_t s'_{i,t},
       L_bal = alpha * sum_i f_i P_i, averaged over sequences (and summed over layers).
-  * V2 expert-level (eq. 12-14): the same with f_i, P_i over the whole batch, alpha_1.
+  * V2 expert-level (eq. 12-14): the same with alpha_1; like DeepSeek's code with the shipped
+      `seq_aux: true` (ModelConfig.seq_aux), f_i and P_i are per sequence and the loss is
+      averaged over sequences; seq_aux false takes them over the whole batch.
   * V2 device-level (eq. 15-17): experts partitioned into D groups ("devices"),
       f'_d = mean_{i in d} f_i,  P'_d = sum_{i in d} P_i,  L = alpha_2 * sum_d f'_d P'_d.
   * V2 communication (eq. 18-20): f''_d = D / (M T) * sum_t 1[token t sent to device d],
       P''_d = sum_{i in d} P_i,  L = alpha_3 * sum_d f''_d P''_d  (M = topk_group).
+Device and communication losses follow seq_aux the same way. Sequences with no counted token
+(all-padding rows) are left out of every per-sequence mean.
 """
 
 from __future__ import annotations
@@ -73,6 +77,17 @@ def mtp_targets(labels, mask, segment_ids, depth: int):
     return shifted, shifted_m * m
 
 
+def _over_sequences(value: jax.Array, tokens: jax.Array) -> jax.Array:
+    """value [L, B] per layer and sequence -> sum over layers of the mean over sequences.
+
+    Sequences without a counted token (all-padding rows, e.g. a padded final batch) are left out
+    of the mean instead of diluting it with zeros.
+    """
+    valid = (tokens > 0).astype(jnp.float32)  # [L, B]
+    per_layer = (value * valid).sum(-1) / jnp.maximum(valid.sum(-1), 1.0)  # [L]
+    return per_layer.sum()
+
+
 def seq_balance_loss(stats: MoEStats, cfg: ModelConfig) -> jax.Array:
     """V3 complementary sequence-wise balance loss sum_i f_i P_i, per layer, mean over sequences.
 
@@ -82,39 +97,52 @@ def seq_balance_loss(stats: MoEStats, cfg: ModelConfig) -> jax.Array:
     T = jnp.maximum(stats.tokens, 1.0)[..., None]  # [L, B, 1]
     f = stats.expert_counts * E / (K * T)  # [L, B, E]
     P = stats.score_sums / T
-    return (f * P).sum(-1).mean(-1).sum()
+    return _over_sequences((f * P).sum(-1), stats.tokens)
 
 
-def _batch_fp(stats: MoEStats, cfg: ModelConfig):
+def _fp(stats: MoEStats, cfg: ModelConfig):
+    """V2 eq. 13-14: f, P [L, S, E], group counts [L, S, G], T [L, S, 1], tokens [L, S].
+
+    `cfg.seq_aux` (DeepSeek's shipped V2 configs: true) computes them per sequence (S = B), as
+    DeepSeek's MoEGate does; otherwise over the whole batch (S = 1).
+    """
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    T = jnp.maximum(stats.tokens.sum(-1), 1.0)[..., None]  # [L, 1] tokens in the batch
-    f = stats.expert_counts.sum(1) * E / (K * T)  # [L, E]
-    P = stats.score_sums.sum(1) / T  # [L, E]
-    return f, P, T
+    counts, sums, groups, tokens = (
+        stats.expert_counts,
+        stats.score_sums,
+        stats.group_counts,
+        stats.tokens,
+    )
+    if not cfg.seq_aux:
+        counts, sums, groups, tokens = (
+            a.sum(1, keepdims=True) for a in (counts, sums, groups, tokens)
+        )
+    T = jnp.maximum(tokens, 1.0)[..., None]  # [L, S, 1]
+    return counts * E / (K * T), sums / T, groups, T, tokens
 
 
 def expert_balance_loss(stats: MoEStats, cfg: ModelConfig) -> jax.Array:
-    """V2 expert-level balance loss over the batch (eq. 12-14), summed over layers."""
-    f, P, _ = _batch_fp(stats, cfg)
-    return (f * P).sum(-1).sum()
+    """V2 expert-level balance loss (eq. 12-14), per sequence if cfg.seq_aux; summed over layers."""
+    f, P, _, _, tokens = _fp(stats, cfg)
+    return _over_sequences((f * P).sum(-1), tokens)
 
 
 def device_balance_loss(stats: MoEStats, cfg: ModelConfig) -> jax.Array:
     """V2 device-level balance loss (eq. 15-17) with the n_group expert groups as devices."""
-    f, P, _ = _batch_fp(stats, cfg)
+    f, P, _, _, tokens = _fp(stats, cfg)
     G = cfg.n_group
-    f_dev = f.reshape(f.shape[0], G, -1).mean(-1)  # [L, G]
-    P_dev = P.reshape(P.shape[0], G, -1).sum(-1)
-    return (f_dev * P_dev).sum(-1).sum()
+    f_dev = f.reshape(f.shape[:2] + (G, -1)).mean(-1)  # [L, S, G]
+    P_dev = P.reshape(P.shape[:2] + (G, -1)).sum(-1)
+    return _over_sequences((f_dev * P_dev).sum(-1), tokens)
 
 
 def comm_balance_loss(stats: MoEStats, cfg: ModelConfig) -> jax.Array:
     """V2 communication balance loss (eq. 18-20): tokens sent to each device group."""
-    f, P, T = _batch_fp(stats, cfg)
+    f, P, groups, T, tokens = _fp(stats, cfg)
     G, M = cfg.n_group, cfg.topk_group
-    f_comm = stats.group_counts.sum(1) * G / (M * T)  # [L, G]
-    P_dev = P.reshape(P.shape[0], G, -1).sum(-1)
-    return (f_comm * P_dev).sum(-1).sum()
+    f_comm = groups * G / (M * T)  # [L, S, G]
+    P_dev = P.reshape(P.shape[:2] + (G, -1)).sum(-1)
+    return _over_sequences((f_comm * P_dev).sum(-1), tokens)
 
 
 def lm_loss(out, batch: dict, lcfg: LossConfig, mtp_lambda=None):

@@ -82,23 +82,56 @@ def expert_capacity(num_tokens: int, cfg: ModelConfig) -> int:
     return max(1, math.ceil(cfg.capacity_factor * num_tokens * K / E))
 
 
-def routed_capacity(x: jax.Array, r: Routing, w_gate, w_up, w_down, capacity: int):
-    """Fixed-capacity routed experts; returns ([M, D] output, kept mask [M, K])."""
+def routed_capacity(
+    x: jax.Array,
+    r: Routing,
+    w_gate,
+    w_up,
+    w_down,
+    capacity: int,
+    *,
+    fp8: bool = False,
+    token_mask: jax.Array | None = None,
+):
+    """Fixed-capacity routed experts; returns ([M, D] output, kept mask [M, K]).
+
+    V2 Sec. 2.2.3 drops "the tokens with the lowest affinity scores": within each expert the
+    assignments are ranked by the raw affinity s_{i,t} (r.scores), not by the normalised and
+    scaled gating weight g_{i,t}, which divides by a per-token sum and so reorders tokens.
+    Padding (`token_mask` False) takes no slot and is not reported as kept.
+
+    Args:
+      x: [M, D]; r: routing (weights/experts [M, K], scores [M, E]).
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+      capacity: C slots per expert.
+      fp8: run the [E, C, D] buffers through the FP8 grouped matmul (V3 Sec. 3.3: 1x128
+        activation tiles, 128x128 weight blocks per expert), as the dropless path does.
+      token_mask: [M] bool, False on padding; None = every token is real.
+    """
     M, K = r.experts.shape
     E = w_gate.shape[0]
     flat_e = r.experts.reshape(-1)  # [M*K]
-    flat_w = r.weights.reshape(-1)
-    # Within each expert, highest affinity first: overflow drops the lowest-affinity assignments.
-    order = jnp.lexsort((-flat_w, flat_e))  # [M*K]
+    affinity = jnp.take_along_axis(r.scores, r.experts, axis=-1).reshape(-1)  # [M*K] raw s
+    real = jnp.ones((M * K,), bool)
+    if token_mask is not None:
+        real = jnp.repeat(token_mask.reshape(M).astype(bool), K)  # [M*K]
+    # Within each expert: real tokens first, highest affinity first; overflow drops the rest.
+    order = jnp.lexsort((-affinity, ~real, flat_e))  # [M*K]
     sorted_e = flat_e[order]
-    starts = jnp.cumsum(jnp.bincount(flat_e, length=E)) - jnp.bincount(flat_e, length=E)
-    slot = jnp.arange(M * K) - starts[sorted_e]  # position within its expert
-    keep_sorted = slot < capacity
+    counts = jnp.bincount(flat_e, length=E)
+    slot = jnp.arange(M * K) - (jnp.cumsum(counts) - counts)[sorted_e]  # position in its expert
+    keep_sorted = (slot < capacity) & real[order]
     slot = jnp.where(keep_sorted, slot, capacity)  # out of range -> dropped by the scatter
     buf = jnp.zeros((E, capacity, x.shape[-1]), x.dtype)
     buf = buf.at[sorted_e, slot].set(x[order // K], mode="drop")  # [E, C, D]
-    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, w_gate)) * jnp.einsum("ecd,edf->ecf", buf, w_up)
-    out = jnp.einsum("ecf,efd->ecd", h, w_down)  # [E, C, D]
+    if fp8:  # the buffers are E groups of C rows: the grouped FP8 kernel applies as is
+        rows = buf.reshape(E * capacity, -1)  # [E*C, D]
+        out = _swiglu_grouped(rows, w_gate, w_up, w_down, jnp.full((E,), capacity, jnp.int32), True)
+        out = out.reshape(E, capacity, -1)  # [E, C, D]
+    else:
+        h = jnp.einsum("ecd,edf->ecf", buf, w_gate)
+        h = jax.nn.silu(h) * jnp.einsum("ecd,edf->ecf", buf, w_up)  # [E, C, F]
+        out = jnp.einsum("ecf,efd->ecd", h, w_down)  # [E, C, D]
     ys = out.at[sorted_e, slot].get(mode="fill", fill_value=0)  # [M*K, D]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(M, K, -1)
     keep = jnp.zeros((M * K,), bool).at[order].set(keep_sorted).reshape(M, K)
@@ -162,9 +195,21 @@ class MoE(nnx.Module):
         if impl == "dropless":
             routed = routed_dropless(xc, r, *ws, fp8=cfg.fp8)
         elif impl == "capacity":
-            routed, keep = routed_capacity(xc, r, *ws, expert_capacity(B * T, cfg))
-            dropped = 1.0 - keep.mean(dtype=jnp.float32)
+            tm = None if token_mask is None else token_mask.reshape(B * T)
+            routed, keep = routed_capacity(
+                xc, r, *ws, expert_capacity(B * T, cfg), fp8=cfg.fp8, token_mask=tm
+            )
+            real = (
+                jnp.ones((B * T, 1), jnp.float32) if tm is None else tm.astype(jnp.float32)[:, None]
+            )
+            # the fraction of *real* (token, expert) assignments that found no slot
+            dropped = 1.0 - keep.sum(dtype=jnp.float32) / jnp.maximum(real.sum() * keep.shape[1], 1)
         elif impl == "reference":
+            if cfg.fp8:  # a test oracle in the compute dtype: never a silent BF16 fallback
+                raise ValueError(
+                    "MoE impl='reference' runs the routed experts in ModelConfig.dtype and cannot "
+                    "honour ModelConfig.fp8=True; use impl='dropless' or 'capacity'"
+                )
             routed = routed_reference(xc, r, *ws)
         else:
             raise ValueError(f"MoE impl={impl!r}: allowed dropless, capacity, reference")

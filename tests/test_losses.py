@@ -36,15 +36,16 @@ def test_seq_balance_loss_by_hand():
 
 
 def test_v2_expert_device_comm_losses_by_hand():
+    cfg = CFG.replace(seq_aux=False)  # batch-wise f, P (per-sequence: tests/test_fidelity.py)
     T = 4  # tokens in the batch
     f = np.array([3.0, 2.0, 2.0, 1.0]) * 4 / (2 * T)  # E/(K T) * count
     P = np.array([1.3, 0.7, 1.3, 0.7]) / T
-    assert float(expert_balance_loss(STATS, CFG)) == pytest.approx((f * P).sum())
+    assert float(expert_balance_loss(STATS, cfg)) == pytest.approx((f * P).sum())
     f_dev = np.array([f[:2].mean(), f[2:].mean()])
     P_dev = np.array([P[:2].sum(), P[2:].sum()])
-    assert float(device_balance_loss(STATS, CFG)) == pytest.approx((f_dev * P_dev).sum())
+    assert float(device_balance_loss(STATS, cfg)) == pytest.approx((f_dev * P_dev).sum())
     f_comm = np.array([3.0, 2.0]) * 2 / (1 * T)  # D/(M T) * tokens sent to the device
-    assert float(comm_balance_loss(STATS, CFG)) == pytest.approx((f_comm * P_dev).sum())
+    assert float(comm_balance_loss(STATS, cfg)) == pytest.approx((f_comm * P_dev).sum())
 
 
 def test_perfect_balance_minimises_expert_loss():

@@ -61,7 +61,8 @@ def test_capacity_drops_lowest_affinity_first():
     wg, wu, wd = (
         jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(E, D, F), (E, D, F), (E, F, D)]
     )
-    r = Routing(jnp.array([[0.1], [0.9], [0.5], [0.7]]), jnp.zeros((4, 1), jnp.int32), None)
+    w = jnp.array([[0.1], [0.9], [0.5], [0.7]])
+    r = Routing(w, jnp.zeros((4, 1), jnp.int32), jnp.concatenate([w, 1 - w], 1))  # s = g
     out, keep = routed_capacity(x, r, wg, wu, wd, capacity=2)
     np.testing.assert_array_equal(np.asarray(keep[:, 0]), [False, True, False, True])
     full = routed_dropless(x, r, wg, wu, wd)

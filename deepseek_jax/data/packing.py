@@ -91,6 +91,26 @@ def to_example(packed: Mapping[str, np.ndarray], pad_id: int) -> dict[str, np.nd
     }
 
 
+def without_document_masks(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """DeepSeek-V3's packing (V3 report Sec. 4.1): no cross-sample attention masking.
+
+    Every real token of the row joins segment 1, so attention spans the documents packed into
+    it (padding keeps segment 0 and stays masked), and positions count on across the row instead
+    of restarting per document. Labels are untouched: each is still its own document's next
+    token, so no target crosses a document boundary.
+
+    Args:
+      example: a packed example (`FEATURES`, int32 [T]).
+    Returns:
+      The example with `segment_ids` in {0, 1} and `positions` = index among the real tokens.
+    """
+    real = np.asarray(example["segment_ids"]) > 0
+    out = dict(example)
+    out["segment_ids"] = real.astype(np.int32)
+    out["positions"] = np.where(real, np.cumsum(real) - 1, 0).astype(np.int32)
+    return out
+
+
 def pack(
     chunks: grain.IterDataset,
     *,

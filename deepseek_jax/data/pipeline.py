@@ -31,7 +31,8 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from deepseek_jax.data.packing import ChunkDocument, pack, pad_batch
+from deepseek_jax.data.packing import ChunkDocument, pack, pad_batch, without_document_masks
+from deepseek_jax.data.ramp import RampBatch, batch_plan
 from deepseek_jax.data.sources import FORMATS, open_source
 from deepseek_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -65,6 +66,14 @@ class DataConfig:
       prefetch_batches: batches prepared ahead in a background thread (0 = none; the shipped
         corpus needs none, ~5 ms per batch). With a thread, call the iterator's `close()` when
         done so it does not outlive the interpreter's modules.
+      document_masking: True (default): a packed chunk attends only within itself and its
+        positions restart at 0. False: DeepSeek-V3's packing (V3 report Sec. 4.1, "we do not
+        incorporate cross-sample attention masking"): one segment per row, positions run on
+        across documents; only padding is masked (`packing.without_document_masks`).
+      batch_ramp_start, batch_ramp_tokens, batch_ramp_increment: V3's batch-size ramp (Sec. 4.2:
+        3072 -> 15360 sequences over the first 469B tokens): the global batch grows from
+        batch_ramp_start to global_batch_size in steps of batch_ramp_increment (default: the
+        start size) as the tokens seen reach the ramp (train/schedule.py). null = no ramp.
     """
 
     paths: tuple[str, ...] = (str(SHIPPED_TRAIN),)
@@ -80,6 +89,10 @@ class DataConfig:
     packing_bins: int = 32
     read_threads: int = 1
     prefetch_batches: int = 0
+    document_masking: bool = True
+    batch_ramp_start: int | None = None
+    batch_ramp_tokens: float | None = None
+    batch_ramp_increment: int | None = None
 
     def __post_init__(self):
         paths = self.paths
@@ -122,6 +135,21 @@ class DataConfig:
             _fail("num_epochs", self.num_epochs, "must be an integer >= 1, or None (forever)")
         if not isinstance(self.shuffle, bool):
             _fail("shuffle", self.shuffle, "must be true or false")
+        if self.batch_ramp_start is not None:
+            start, end = self.batch_ramp_start, self.global_batch_size
+            inc = self.batch_ramp_increment or start
+            object.__setattr__(self, "batch_ramp_increment", inc)
+            if not 1 <= start <= end or (end - start) % inc:
+                _fail(
+                    "batch_ramp_start",
+                    start,
+                    f"need 1 <= it <= global_batch_size={end}, the difference a multiple of "
+                    f"batch_ramp_increment={inc}",
+                )
+            if not self.batch_ramp_tokens or self.batch_ramp_tokens <= 0:
+                _fail("batch_ramp_tokens", self.batch_ramp_tokens, "a positive token count")
+        if not isinstance(self.document_masking, bool):
+            _fail("document_masking", self.document_masking, "must be true or false")
 
 
 def _stage_seed(seed: int, process_index: int, stage: int) -> int:
@@ -208,9 +236,19 @@ def make_dataset(
         seed=_stage_seed(seed, process_index, 2),
         shuffle_bins=cfg.shuffle,
     )
-    batches = rows.batch(local_batch).map(
-        functools.partial(pad_batch, batch_size=local_batch, pad_id=tokenizer.pad_id)
-    )
+    if not cfg.document_masking:
+        rows = rows.map(without_document_masks)
+    if cfg.batch_ramp_start is not None:  # V3 Sec. 4.2: the batch follows the ramp
+        plan = batch_plan(cfg)
+        for b in plan.batch_sizes:
+            if b % process_count:
+                raise ValueError(f"DataConfig batch ramp size {b} must divide by {process_count=}")
+        pad = functools.partial(pad_batch, pad_id=tokenizer.pad_id)
+        batches = RampBatch(rows, plan, process_count, pad)
+    else:
+        batches = rows.batch(local_batch).map(
+            functools.partial(pad_batch, batch_size=local_batch, pad_id=tokenizer.pad_id)
+        )
     if cfg.prefetch_batches:
         batches = grain.experimental.ThreadPrefetchIterDataset(
             batches, prefetch_buffer_size=cfg.prefetch_batches

@@ -45,8 +45,12 @@ class TrainConfig:
         cosine to min_lr over the remaining steps) or "constant" (warm-up then constant).
       warmup_steps: linear warm-up length.
       min_lr_ratio: final learning rate as a fraction of `lr` ("v3" and "cosine").
-      decay_start, decay_end: fractions of `steps` where the "v3" cosine starts and ends (V3:
-        constant until 10T of 14.8T tokens, cosine until 14.3T).
+      decay_start, decay_end: fractions of the run's tokens where the "v3" cosine starts and
+        ends (V3: constant until 10T of 14.8T tokens, cosine until 14.3T), used where
+        decay_start_tokens / decay_end_tokens are null.
+      decay_start_tokens, decay_end_tokens: the same boundaries in tokens (V3: 10T, 14.3T).
+      final_lr, final_lr_tokens: the "v3" schedule's last stage, final_lr from this many tokens
+        on (V3: 7.3e-6 for the last 167B tokens, from 14.633T); null = none.
       step_boundaries, step_factors: the "multistep" drops (DeepSeek LLM: x0.316 at 80%, x0.1
         at 90% of the steps).
       b1, b2, eps, weight_decay: AdamW; norms and biases get no decay.
@@ -81,6 +85,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     decay_start: float = 10.0 / 14.8
     decay_end: float = 14.3 / 14.8
+    decay_start_tokens: float | None = None
+    decay_end_tokens: float | None = None
+    final_lr: float | None = None
+    final_lr_tokens: float | None = None
     step_boundaries: tuple[float, ...] = (0.8, 0.9)
     step_factors: tuple[float, ...] = (0.316, 0.1)
     b1: float = 0.9
@@ -140,6 +148,16 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 _fail(c, name, value, "must be >= 0 or null")
+        if (self.final_lr is None) != (self.final_lr_tokens is None):
+            _fail(c, "final_lr", self.final_lr, "give final_lr and final_lr_tokens together")
+        for name in ("decay_start_tokens", "decay_end_tokens", "final_lr_tokens", "final_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                _fail(c, name, value, "must be >= 0 or null")
+        ends = [self.decay_start_tokens, self.decay_end_tokens, self.final_lr_tokens]
+        ends = [e for e in ends if e is not None]
+        if ends != sorted(ends):
+            _fail(c, "decay_end_tokens", self.decay_end_tokens, "token boundaries must increase")
         if self.peak_flops is not None and self.peak_flops <= 0:
             _fail(c, "peak_flops", self.peak_flops, "must be positive or null (device table)")
         if self.scaling_compute is not None and not 0 < self.scaling_compute < float("inf"):

@@ -31,16 +31,23 @@ the counted attention-core FLOPs: MFU measures useful work. For DeepSeek-V3 at T
 gives 250 GFLOPs/token without MTP (the figure DeepSeek quotes) and 261 GFLOPs/token with it.
 
 MFU = achieved FLOP/s / (peak FLOP/s per device x devices), with the dense BF16 peak of the
-device from `PEAK_FLOPS` (FP8 runs are still measured against the BF16 peak). CPUs have no
-meaningful table entry: pass `peak` (train.peak_flops) or get `CPU_PEAK_FLOPS`, 1e11 FLOP/s per
-device (about one AVX2 core: 2 FMA units x 8 fp32 lanes x 2 FLOPs x 3 GHz).
+device from `PEAK_FLOPS` (FP8 runs are still measured against the BF16 peak). A CPU has no table
+entry, and one XLA:CPU device uses every core, so its peak comes from the machine (`cpu_peak`):
+the larger of the vector bound read from /proc/cpuinfo (cores x fp32 lanes x 2 FMA units x
+2 FLOPs x clock) and a short calibration matmul (cached per machine), divided over the process's
+CPU devices. `describe_peak` says which one a run uses, and MFU is capped at 100%: a peak that is
+a measured upper bound cannot be exceeded except by timing noise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import time
 
 import jax
+import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 
@@ -62,7 +69,7 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("v5e", 197e12),
     ("v4", 275e12),
 )
-CPU_PEAK_FLOPS = 1e11
+_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "deepseek_jax", "cpu_peak.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +149,109 @@ def flops_per_token(
     return FlopsPerToken(weights_main=main, weights_mtp=mtp, attention=attn)
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first processor block of /proc/cpuinfo ({} where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            block = f.read().split("\n\n")[0]
+    except OSError:
+        return {}
+    pairs = (line.split(":", 1) for line in block.splitlines() if ":" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the host's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_vector_peak(info: dict[str, str] | None = None, cores: int | None = None):
+    """Machine fp32 peak from the CPU's description -> (FLOP/s, how) or None if unknown.
+
+    cores x lanes (16 with AVX-512, 8 with AVX2/FMA, 4 otherwise) x 2 FMA units x 2 FLOPs x clock
+    (the `cpu MHz` cpuinfo reports; turbo can exceed it, which the calibration catches).
+    """
+    info = _cpuinfo() if info is None else info
+    flags, mhz = info.get("flags", "").split(), info.get("cpu MHz")
+    if not mhz:
+        return None
+    lanes = 16 if "avx512f" in flags else 8 if ("avx2" in flags or "fma" in flags) else 4
+    cores = _cores() if cores is None else cores
+    ghz = float(mhz) / 1e3
+    value = cores * lanes * 2 * 2 * ghz * 1e9
+    return value, f"cpuinfo: {cores} cores x {lanes} fp32 lanes x 2 FMA x 2 x {ghz:.2f} GHz"
+
+
+def calibrate_cpu_matmul(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` jitted fp32 [n, n] @ [n, n] matmuls on one CPU device."""
+    dev = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def cpu_peak(cache: str | None = _CACHE, calibrate: bool = True) -> tuple[float, str]:
+    """The machine's fp32 peak FLOP/s on CPU and a sentence saying where it comes from.
+
+    The larger of `cpu_vector_peak` and a calibration matmul; the calibration is cached in
+    `cache` (keyed by CPU model and core count) so it runs once per machine.
+    """
+    info = _cpuinfo()
+    key = f"{info.get('model name', '?')}|{_cores()}"
+    measured = None
+    if calibrate:
+        try:
+            with open(cache) as f:
+                measured = json.load(f).get(key)
+            how_m = f"calibration matmul (cached in {cache})"
+        except (OSError, ValueError, TypeError):
+            measured = None
+        if measured is None:
+            measured = calibrate_cpu_matmul()
+            how_m = "calibration matmul (measured now)"
+            if cache is not None:
+                try:
+                    os.makedirs(os.path.dirname(cache), exist_ok=True)
+                    with open(cache, "w") as f:
+                        json.dump({key: measured}, f)
+                except OSError:
+                    how_m = "calibration matmul (measured now, cache not writable)"
+    vector = cpu_vector_peak(info)
+    options = [] if vector is None else [vector]
+    if measured is not None:
+        options.append((measured, f"{how_m}: {measured / 1e9:.0f} GFLOP/s"))
+    if not options:
+        raise ValueError("no CPU peak: /proc/cpuinfo has no clock; set train.peak_flops")
+    return max(options, key=lambda o: o[0])
+
+
+def describe_peak(device: jax.Device | None = None, override: float | None = None):
+    """Peak FLOP/s of one device and where it comes from -> (FLOP/s, sentence for the log).
+
+    On CPU the machine peak (`cpu_peak`) is shared by the process's CPU devices (one XLA:CPU
+    device already uses every core; forced host devices split them).
+    """
+    if override is not None:
+        return float(override), "train.peak_flops"
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "cpu":
+        value, how = cpu_peak()
+        n = jax.local_device_count("cpu")
+        return value / n, f"CPU machine peak {value / 1e9:.0f} GFLOP/s / {n} device(s); {how}"
+    return peak_flops(device), f"table entry for {device.device_kind!r} (dense BF16)"
+
+
 def peak_flops(device: jax.Device | None = None, override: float | None = None) -> float:
-    """Peak FLOP/s of one device: `override`, else the table, else CPU_PEAK_FLOPS on CPU.
+    """Peak FLOP/s of one device: `override`, else the table, else the CPU machine peak.
 
     Raises:
       ValueError: an accelerator missing from the table and no override (names the device).
@@ -152,7 +260,7 @@ def peak_flops(device: jax.Device | None = None, override: float | None = None) 
         return float(override)
     device = jax.devices()[0] if device is None else device
     if device.platform == "cpu":
-        return CPU_PEAK_FLOPS
+        return describe_peak(device)[0]
     kind = device.device_kind.lower()
     for key, value in PEAK_FLOPS:
         if key in kind:
@@ -164,5 +272,9 @@ def peak_flops(device: jax.Device | None = None, override: float | None = None) 
 
 
 def mfu(tokens_per_s: float, flops_token: float, num_devices: int, peak: float) -> float:
-    """Model FLOPs utilisation: tokens/s x FLOPs/token / (devices x peak FLOP/s per device)."""
-    return tokens_per_s * flops_token / (num_devices * peak)
+    """Model FLOPs utilisation: tokens/s x FLOPs/token / (devices x peak FLOP/s per device).
+
+    Capped at 1.0: the peak is an upper bound (a table or a measured matmul), so only timing
+    noise can exceed it, and a utilisation above 100% is never reported.
+    """
+    return min(1.0, tokens_per_s * flops_token / (num_devices * peak))

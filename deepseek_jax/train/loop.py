@@ -37,8 +37,8 @@ from deepseek_jax.sharding.mesh import make_mesh
 from deepseek_jax.sharding.rules import batch_sharding, get_rules
 from deepseek_jax.train.checkpoint import Checkpointer
 from deepseek_jax.train.config import DistConfig, RunConfig, TrainConfig, load_run_config
-from deepseek_jax.train.flops import flops_per_token, mfu, peak_flops
-from deepseek_jax.train.metrics import MetricsLogger
+from deepseek_jax.train.flops import describe_peak, flops_per_token, mfu
+from deepseek_jax.train.metrics import MetricsLogger, real_tokens, token_rates
 from deepseek_jax.train.step import (
     TrainState,
     abstract_train_state,
@@ -235,14 +235,21 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
         graphdef, state = init_train_state(cfg.model, tcfg, seed=tcfg.seed, mesh=mesh, rules=rules)
         start = 0
     step_fn = make_train_step(
-        cfg.model, cfg.loss, tcfg, graphdef, mesh=mesh, rules=rules, pipeline=cfg.pipeline
+        cfg.model,
+        cfg.loss,
+        tcfg,
+        graphdef,
+        mesh=mesh,
+        rules=rules,
+        pipeline=cfg.pipeline,
+        data=cfg.data,
     )
     sharding = batch_sharding(mesh, rules)
 
-    B, T = cfg.data.global_batch_size, cfg.data.seq_len
-    flops_token = flops_per_token(cfg.model, T).total
+    flops_token = flops_per_token(cfg.model, cfg.data.seq_len).total
     try:
-        peak = peak_flops(override=tcfg.peak_flops)
+        peak, peak_source = describe_peak(override=tcfg.peak_flops)
+        _say(f"MFU peak per device {peak:.3g} FLOP/s: {peak_source}")
     except ValueError as e:
         _say(f"warning: {e}; MFU not reported")
         peak = None
@@ -255,6 +262,7 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
         progress=tcfg.progress,
     )
     step, mark, pending, saved = start, None, None, start if restored is not None else -1
+    counted, hosts = (0.0, 0.0), 1 if full_batch else jax.process_count()  # since `mark`
     try:
         with StopSignals() as signals:
             while step < tcfg.steps:
@@ -265,9 +273,12 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
                     break
                 state, metrics = step_fn(state, to_global(local, sharding, full_batch=full_batch))
                 step += 1
+                counted = tuple(
+                    a + b for a, b in zip(counted, real_tokens(local, hosts), strict=True)
+                )
                 if mark is None:  # the first step of this invocation includes compilation
                     jax.block_until_ready(metrics)
-                    mark = (time.time(), step)
+                    mark, counted = (time.time(), step), (0.0, 0.0)
                 elif pending is not None:
                     jax.block_until_ready(pending)  # keep at most one step in flight
                 pending = metrics["loss"]
@@ -277,12 +288,12 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
                     now = time.time()
                     n = step - mark[1]
                     if n > 0:
-                        rate = n * B * T / (now - mark[0])
-                        host["tokens_per_s"] = rate
+                        host.update(token_rates(*counted, now - mark[0]))
+                        rate = host["tokens_per_s"]  # non-padding tokens: MFU counts useful work
                         host["step_time_s"] = (now - mark[0]) / n
                         if peak is not None:
                             host["mfu"] = mfu(rate, flops_token, jax.device_count(), peak)
-                    mark = (now, step)
+                    mark, counted = (now, step), (0.0, 0.0)
                     record = logger.log(step, host)
                     if jax.process_index() == 0:
                         line = _log_line(step, record)

@@ -5,8 +5,9 @@ Each logged step appends one JSON object to metrics.jsonl with (at least) `step`
 `skipped`, and per MoE layer (MTP layers last) `expert_load_max` / `expert_load_min` (the busiest
 and idlest expert's token count over the mean count) and `dropped` (fraction of token-expert
 assignments dropped; 0 for the dropless path), plus their means over layers. `tokens_per_s`
-counts all B x T positions of the global batch (padding included) over the steps since the last
-log line, excluding the first step of an invocation (compilation). A resumed run appends
+counts the real (non-padding, `loss_mask`) tokens over the steps since the last log line,
+excluding the first step of an invocation (compilation); where padding made them differ,
+`positions_per_s` counts all B x T positions as well (`token_rates`). A resumed run appends
 to the same file, so a step may appear more than once; the last occurrence is the one that counts.
 
 Only process 0 writes; the other processes' loggers are inert.
@@ -25,6 +26,29 @@ import numpy as np
 
 _BAR_KEYS = ("loss", "tokens_per_s")
 _LAYER_KEYS = ("expert_load_max", "expert_load_min", "dropped")
+
+
+def real_tokens(batch: dict[str, Any], scale: int = 1) -> tuple[float, float]:
+    """(non-padding tokens, positions) of a host batch (real = its `loss_mask`) x scale.
+
+    `scale`: hosts whose batches make up the global one (each host counts only its rows).
+    """
+    positions = float(np.asarray(batch["input_ids"]).size)
+    mask = batch.get("loss_mask")
+    n = positions if mask is None else float(np.asarray(mask).sum())
+    return n * scale, positions * scale
+
+
+def token_rates(real_tokens: float, positions: float, seconds: float) -> dict[str, float]:
+    """Throughput of `positions` B x T positions holding `real_tokens` non-padding tokens.
+
+    Returns `tokens_per_s` (real tokens) and, only where padding makes it differ,
+    `positions_per_s` (all positions, what the hardware processed).
+    """
+    out = {"tokens_per_s": real_tokens / seconds}
+    if real_tokens != positions:
+        out["positions_per_s"] = positions / seconds
+    return out
 
 
 def to_python(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,9 @@ Schedules (s = step, W = warmup_steps, S = steps, lr = peak, m = min_lr_ratio * 
   "multistep":    lr * prod of step_factors[i] whose boundary step_boundaries[i] * S <= s
                   (DeepSeek LLM, Sec. 2.3: x0.316 at 80%, x0.1 at 90% of the steps)
   "cosine":       m + (lr - m) * (1 + cos(pi * p)) / 2,  p = (s - W) / (S - W) clipped to [0, 1]
-  "v3":           lr until decay_start * S, cosine to m until decay_end * S, then m (V3 Sec. 4.2)
+  "v3":           V3 Sec. 4.2 with boundaries in tokens (train/schedule.py): warm-up, lr until
+                  decay_start_tokens, cosine to m until decay_end_tokens, m, then final_lr from
+                  final_lr_tokens; steps map to tokens through the data's batch-size ramp
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from deepseek_jax.data import DataConfig
 from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.schedule import v3_lr_schedule
 
 # Path components that mark a parameter as exempt from weight decay: every RMSNorm scale (the
 # model names its norms attn_norm, ffn_norm, q_norm, kv_norm, enorm, hnorm, norm) and biases.
@@ -40,15 +44,27 @@ def _cosine(progress: jax.Array, ratio: float) -> jax.Array:
     return ratio + (1.0 - ratio) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
 
 
-def lr_schedule(tcfg: TrainConfig) -> Callable[[jax.Array], jax.Array]:
+def lr_schedule(
+    tcfg: TrainConfig, data: DataConfig | None = None
+) -> Callable[[jax.Array], jax.Array]:
     """The learning rate as a function of the (applied-update) step count.
 
     Args:
       tcfg: supplies schedule, lr, warmup_steps, steps and the schedule's shape parameters.
+      data: batch size, sequence length and batch-size ramp, which turn the "v3" token
+        boundaries into steps; None = one token per step (fractions of `steps` only).
     Returns:
       A jittable `step -> lr` (float32 scalar), usable as an optax schedule.
     """
     S, W = tcfg.steps, tcfg.warmup_steps
+    if tcfg.schedule == "v3":
+        if data is None:
+            token_fields = ("decay_start_tokens", "decay_end_tokens", "final_lr_tokens")
+            given = [f for f in token_fields if getattr(tcfg, f) is not None]
+            if given:
+                raise ValueError(f"TrainConfig.{given[0]} is in tokens: pass the DataConfig")
+            data = DataConfig(global_batch_size=1, seq_len=1)  # one "token" per step
+        return v3_lr_schedule(tcfg, data)
 
     def schedule(step):
         s = jnp.asarray(step, jnp.float32)
@@ -59,11 +75,8 @@ def lr_schedule(tcfg: TrainConfig) -> Callable[[jax.Array], jax.Array]:
             for boundary, f in zip(tcfg.step_boundaries, tcfg.step_factors, strict=True):
                 # Boundaries in DeepSeek LLM multiply the *peak*: x0.316 then x0.1 (not 0.0316).
                 factor = jnp.where(s >= round(boundary * S), f, factor)
-        elif tcfg.schedule == "cosine":
+        else:  # "cosine"
             factor = _cosine((s - W) / max(S - W, 1), tcfg.min_lr_ratio)
-        else:  # "v3"
-            start, end = tcfg.decay_start * S, tcfg.decay_end * S
-            factor = _cosine((s - start) / max(end - start, 1.0), tcfg.min_lr_ratio)
         return (tcfg.lr * _warmup(s, tcfg) * factor).astype(jnp.float32)
 
     return schedule
@@ -95,7 +108,9 @@ def weight_decay_mask(params):
     return jax.tree_util.tree_map_with_path(decay, params)
 
 
-def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(
+    tcfg: TrainConfig, data: DataConfig | None = None
+) -> optax.GradientTransformation:
     """clip_by_global_norm(clip_norm) -> AdamW(b1, b2, eps, weight_decay masked, mu_dtype).
 
     The learning rate follows `lr_schedule(tcfg)` over the number of *applied* updates (optax's
@@ -103,7 +118,7 @@ def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
     """
     mu_dtype = jnp.bfloat16 if tcfg.mu_dtype == "bfloat16" else None
     adamw = optax.adamw(
-        learning_rate=lr_schedule(tcfg),
+        learning_rate=lr_schedule(tcfg, data),
         b1=tcfg.b1,
         b2=tcfg.b2,
         eps=tcfg.eps,

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.data import DataConfig
 from deepseek_jax.gate import RoutingBias, bias_update
 from deepseek_jax.losses import LossConfig, total_loss
 from deepseek_jax.model import DeepSeekModel
@@ -36,6 +37,7 @@ from deepseek_jax.sharding.pipeline import PipelineConfig
 from deepseek_jax.sharding.rules import batch_sharding, param_shardings
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer
+from deepseek_jax.train.schedule import batch_plan
 
 Batch = dict[str, jax.Array]  # int32 [B, T]: input_ids, labels, loss_mask, segment_ids, positions
 # Stacks that carry a RoutingBias, in the order their MoEStats are concatenated by the model.
@@ -202,6 +204,7 @@ def make_train_step(
     rules: dict | None = None,
     donate: bool = True,
     pipeline: PipelineConfig | None = None,
+    data: DataConfig | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the jitted `step(state, batch) -> (state, metrics)`.
 
@@ -214,14 +217,17 @@ def make_train_step(
       donate: donate the input state's buffers (the caller must not reuse it).
       pipeline: with a schedule and a mesh whose `stage` axis is > 1, loss and gradients come
         from the pipeline executor (sharding/pipeline.py) over that axis.
+      data: the run's data config: its batch-size ramp turns steps into tokens for the "v3"
+        learning rate and the token thresholds (train/schedule.py); None = B x T per step.
     Returns:
       A jitted function. `batch` holds int32 [B, T] `input_ids`, `labels` and optionally
       `loss_mask`, `segment_ids`, `positions`; B must divide by `train_cfg.grad_accum`. Metrics
       are scalars except the per-MoE-layer arrays `expert_load_max`, `expert_load_min` (load of
       the busiest / idlest expert over the mean load) and `dropped` ([L]).
     """
-    optimizer = make_optimizer(train_cfg)
-    schedule = lr_schedule(train_cfg)
+    optimizer = make_optimizer(train_cfg, data)
+    schedule = lr_schedule(train_cfg, data)
+    plan = None if data is None else batch_plan(data)
     accum = train_cfg.grad_accum
 
     def loss_fn(params, biases, other, batch, mtp_lambda):
@@ -238,6 +244,8 @@ def make_train_step(
 
     def schedules(state: TrainState, tokens_per_step: int):
         seen = state.step.astype(jnp.float32) * float(tokens_per_step)
+        if plan is not None:  # the batch-size ramp: tokens of the steps before this one
+            seen = plan.tokens_before_jnp(state.step)
         gamma = jnp.float32(train_cfg.bias_update_speed)
         if train_cfg.bias_update_stop_tokens is not None:
             gamma = jnp.where(seen < train_cfg.bias_update_stop_tokens, gamma, 0.0)

@@ -1,0 +1,187 @@
+"""Fidelity to the DeepSeek reports (issue 11): FP8 on the capacity path, dropping by raw
+affinity, V2 `seq_aux` balance losses, padding rows, FP32 weight gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig, load_preset
+from deepseek_jax.gate import Routing
+from deepseek_jax.losses import (
+    comm_balance_loss,
+    device_balance_loss,
+    expert_balance_loss,
+    seq_balance_loss,
+)
+from deepseek_jax.moe import MoE, MoEStats, routed_capacity
+from deepseek_jax.testing import assert_close
+
+
+def _weights(E=2, D=4, F=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(
+        jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(E, D, F), (E, D, F), (E, F, D)]
+    )
+
+
+# ---- item 1: FP8 on the capacity path ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def routed_only():
+    cfg = load_preset("v3-tiny").replace(n_shared_experts=0, capacity_factor=8.0)
+    x = jax.random.normal(jax.random.key(2), (2, 8, cfg.hidden_size))
+    return cfg, x
+
+
+def test_capacity_path_runs_routed_experts_in_fp8(routed_only):
+    cfg, x = routed_only
+    plain, _ = MoE(cfg, rngs=nnx.Rngs(1))(x, impl="capacity")
+    fp8, stats = MoE(cfg.replace(fp8=True), rngs=nnx.Rngs(1))(x, impl="capacity")
+    assert float(stats.dropped) == 0.0
+    # FP8 must change the numbers (before the fix the two were bit-identical) ...
+    assert not np.array_equal(np.asarray(plain), np.asarray(fp8))
+    # ... exactly as the dropless FP8 path quantises them (same 1x128 / 128x128 tiles).
+    dropless, _ = MoE(cfg.replace(fp8=True), rngs=nnx.Rngs(1))(x, impl="dropless")
+    assert_close(fp8, dropless)
+
+
+def test_reference_impl_refuses_fp8(routed_only):
+    cfg, x = routed_only
+    with pytest.raises(ValueError, match="fp8"):
+        MoE(cfg.replace(fp8=True), rngs=nnx.Rngs(1))(x, impl="reference")
+
+
+# ---- item 4 (single device): rank by raw affinity, padding takes no slot ------------------------
+def test_capacity_drops_by_raw_affinity_not_normalised_weight():
+    # Token 0: experts (0, 1) with s = (0.9, 0.9) -> g = 0.5 each; token 1: s = (0.2, 0.01) on
+    # (0, 1) -> g_0 = 0.95. Expert 0 has one slot: V2 keeps the higher affinity s (token 0).
+    wg, wu, wd = _weights()
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4)), jnp.float32)
+    scores = jnp.array([[0.9, 0.9], [0.2, 0.01]])
+    experts = jnp.array([[0, 1], [0, 1]], jnp.int32)
+    weights = scores / scores.sum(-1, keepdims=True)
+    _, keep = routed_capacity(x, Routing(weights, experts, scores), wg, wu, wd, capacity=1)
+    np.testing.assert_array_equal(np.asarray(keep), [[True, True], [False, False]])
+
+
+def test_padding_takes_no_capacity():
+    # Padding token 0 has the highest affinity; with one slot the real token 1 must get it.
+    wg, wu, wd = _weights()
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4)), jnp.float32)
+    scores = jnp.array([[0.9, 0.1], [0.3, 0.7]])
+    r = Routing(scores[:, :1], jnp.zeros((2, 1), jnp.int32), scores)
+    mask = jnp.array([False, True])
+    out, keep = routed_capacity(x, r, wg, wu, wd, capacity=1, token_mask=mask)
+    np.testing.assert_array_equal(np.asarray(keep[:, 0]), [False, True])
+    assert float(jnp.abs(out[1]).sum()) > 0
+
+
+def test_moe_dropped_fraction_ignores_padding(routed_only):
+    cfg, x = routed_only
+    mask = jnp.ones(x.shape[:2], bool).at[1].set(False)  # sequence 1 is all padding
+    _, stats = MoE(cfg.replace(capacity_factor=0.5), rngs=nnx.Rngs(1))(x, mask, impl="capacity")
+    # capacity ceil(0.5 * 16 * 2 / 8) = 2 per expert: at most 16 of the 16 real assignments fit
+    counts = np.asarray(stats.expert_counts[0])  # real tokens of sequence 0 per expert
+    expected = np.maximum(counts - 2, 0).sum() / (8 * cfg.num_experts_per_tok)
+    assert float(stats.dropped) == pytest.approx(expected)
+
+
+# ---- item 3: V2 balance losses follow seq_aux ---------------------------------------------------
+def _v2_cfg(**kw) -> ModelConfig:
+    v2 = dict(
+        topk_method="group_limited_greedy",
+        scoring_func="softmax",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        n_group=4,
+        topk_group=2,
+    )
+    return load_preset("v3-tiny").replace(**(v2 | kw))
+
+
+def _deepseek_seq_aux(experts, scores, B, T, E, K):
+    """DeepSeek's V2 MoEGate with seq_aux=True (modeling_deepseek.py), in numpy."""
+    ce = np.zeros((B, E))
+    idx = np.asarray(experts).reshape(B, T * K)
+    for b in range(B):
+        np.add.at(ce[b], idx[b], 1.0)
+    ce /= T * K / E
+    s = np.asarray(scores).reshape(B, T, E).mean(1)
+    return (ce * s).sum(1).mean()
+
+
+def test_v2_expert_loss_per_sequence_matches_deepseek_code():
+    cfg = _v2_cfg()
+    moe = MoE(cfg, rngs=nnx.Rngs(3))
+    B, T = 3, 10
+    x = jax.random.normal(jax.random.key(4), (B, T, cfg.hidden_size))
+    _, stats = moe(x, impl="dropless")
+    r = moe.gate(x.reshape(B * T, -1))
+    stats = jax.tree.map(lambda a: a[None], stats)  # one layer
+    expect = _deepseek_seq_aux(r.experts, r.scores, B, T, 8, cfg.num_experts_per_tok)
+    assert float(expert_balance_loss(stats, cfg)) == pytest.approx(expect, rel=1e-5)
+    batch = float(expert_balance_loss(stats, cfg.replace(seq_aux=False)))
+    assert batch != pytest.approx(expect, rel=1e-3)
+
+
+def test_seq_aux_two_sequences_on_different_experts():
+    # E = 2, K = 1, one group each: sequence 0 sends its token to expert 0 with s = (0.9, 0.1),
+    # sequence 1 to expert 1 with s = (0.1, 0.9). Per sequence f = (2, 0) / (0, 2) -> 1.8 each;
+    # over the batch f = (1, 1), P = (0.5, 0.5) -> 1.0.
+    cfg = _v2_cfg(n_routed_experts=2, num_experts_per_tok=1, n_group=2, topk_group=1)
+    stats = MoEStats(
+        expert_counts=jnp.array([[[1.0, 0.0], [0.0, 1.0]]]),
+        score_sums=jnp.array([[[0.9, 0.1], [0.1, 0.9]]]),
+        group_counts=jnp.array([[[1.0, 0.0], [0.0, 1.0]]]),
+        dropped=jnp.zeros(()),
+        tokens=jnp.array([[1.0, 1.0]]),
+    )
+    assert float(expert_balance_loss(stats, cfg)) == pytest.approx(1.8)
+    assert float(expert_balance_loss(stats, cfg.replace(seq_aux=False))) == pytest.approx(1.0)
+    # groups of one expert: device f' = f, P' = P; comm f'' = G/(M T) * sent = f here
+    assert float(device_balance_loss(stats, cfg)) == pytest.approx(1.8)
+    assert float(comm_balance_loss(stats, cfg)) == pytest.approx(1.8)
+
+
+def test_seq_aux_read_from_hf_config_json():
+    raw = {"model_type": "deepseek_v2", "seq_aux": False, "aux_loss_alpha": 0.001}
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.seq_aux is False
+    assert ModelConfig.from_dict({"model_type": "deepseek_v2"}).seq_aux is True
+    assert cfg.to_hf_dict()["seq_aux"] is False
+
+
+@pytest.mark.parametrize(
+    "loss", [seq_balance_loss, expert_balance_loss, device_balance_loss, comm_balance_loss]
+)
+def test_all_padding_rows_do_not_dilute_balance_losses(loss):
+    cfg = _v2_cfg()
+    rng = np.random.default_rng(0)
+    counts = jnp.asarray(rng.integers(0, 4, size=(1, 2, 8)), jnp.float32)
+    sums = jnp.asarray(rng.random(size=(1, 2, 8)), jnp.float32)
+    groups = jnp.asarray(rng.integers(0, 4, size=(1, 2, 4)), jnp.float32)
+    real = MoEStats(counts, sums, groups, jnp.zeros(()), jnp.array([[5.0, 7.0]]))
+    pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:, :1])], axis=1)  # noqa: E731
+    padded = MoEStats(pad(counts), pad(sums), pad(groups), jnp.zeros(()), pad(real.tokens))
+    assert float(loss(padded, cfg)) == pytest.approx(float(loss(real, cfg)), rel=1e-6)
+
+
+# ---- item 5: FP32 weight gradients under BF16 compute -------------------------------------------
+def test_weight_gradient_is_fp32_accumulated_under_bf16_compute():
+    cfg = load_preset("v3-tiny").replace(dtype="bfloat16", param_dtype="float32")
+    rng = np.random.default_rng(0)
+    # bf16-representable inputs, so the only rounding left is that of dW itself
+    x = jnp.asarray(rng.normal(size=(64, 32)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(64, 16)), jnp.bfloat16)
+
+    def f(w):
+        from deepseek_jax.layers import linear
+
+        return (linear(x, w, cfg).astype(jnp.float32) * g.astype(jnp.float32)).sum()
+
+    dw = jax.grad(f)(w)
+    assert dw.dtype == jnp.float32
+    expect = np.asarray(x, np.float64).T @ np.asarray(g, np.float64)  # V3 Sec. 3.3.3: FP32 dW
+    assert_close(dw, expect, jnp.float32)
