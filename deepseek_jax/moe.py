@@ -22,6 +22,13 @@ from flax import nnx
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.gate import Gate, Routing
+from deepseek_jax.kernels.block_grouped_matmul import (
+    block_gmm,
+    block_layout,
+    choose_block,
+    combine,
+    dispatch,
+)
 from deepseek_jax.kernels.grouped_matmul import grouped_matmul as kernel_grouped_matmul
 from deepseek_jax.kernels.grouped_matmul import grouped_matmul_fp8
 from deepseek_jax.layers import MLP, param
@@ -56,15 +63,27 @@ def _swiglu_grouped(xs, w_gate, w_up, w_down, group_sizes, fp8=False):
     return grouped_matmul(h, w_down, group_sizes, fp8)
 
 
-def routed_dropless(x: jax.Array, r: Routing, w_gate, w_up, w_down, fp8: bool = False) -> jax.Array:
+def routed_dropless(
+    x: jax.Array, r: Routing, w_gate, w_up, w_down, fp8: bool = False, gmm: str = "auto"
+) -> jax.Array:
     """Sort-based dropless routed experts.
 
     Args:
       x: [M, D] tokens; r: routing with weights/experts [M, K].
       w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+      fp8: V3 FP8 recipe (always the grouped kernels).
+      gmm: "blocked" (kernels/block_grouped_matmul.py: tiles of one expert, routed FLOPs plus
+        padding), "grouped" (`grouped_matmul`: ragged_dot / Pallas) or "auto" (blocked on CPU,
+        where XLA's ragged_dot costs about E times the routed FLOPs; grouped elsewhere).
     Returns:
       [M, D] the gated sum over each token's K experts.
     """
+    if gmm not in ("auto", "blocked", "grouped"):
+        raise ValueError(f"routed_dropless: {gmm=} must be one of auto, blocked, grouped")
+    if gmm == "auto":
+        gmm = "blocked" if jax.default_backend() == "cpu" else "grouped"
+    if gmm == "blocked" and not fp8:
+        return routed_blocked(x, r, w_gate, w_up, w_down)
     M, K = r.experts.shape
     E = w_gate.shape[0]
     flat = r.experts.reshape(-1)  # [M*K]
@@ -74,6 +93,18 @@ def routed_dropless(x: jax.Array, r: Routing, w_gate, w_up, w_down, fp8: bool = 
     ys = _swiglu_grouped(xs, w_gate, w_up, w_down, group_sizes, fp8)  # [M*K, D]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(M, K, -1)  # [M, K, D] unsorted
     return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype))
+
+
+def routed_blocked(x: jax.Array, r: Routing, w_gate, w_up, w_down) -> jax.Array:
+    """Dropless routed experts as block-sparse tile products (same contract as routed_dropless)."""
+    M, K = r.experts.shape
+    E, F = w_gate.shape[0], w_gate.shape[2]
+    layout = block_layout(r.experts.reshape(-1), E, choose_block(M * K, E))
+    xs = dispatch(x, layout, K)  # [P, D], P = tiles * block, rows of one expert per tile
+    w_gate_up = jnp.concatenate([w_gate, w_up], axis=-1)  # [E, D, 2F]: one product for both
+    gate, up = jnp.split(block_gmm(xs, w_gate_up, layout), [F], axis=-1)  # [P, F]
+    ys = block_gmm(jax.nn.silu(gate) * up, w_down, layout)  # [P, D]
+    return combine(ys, r.weights, layout)  # [M, D]
 
 
 def expert_capacity(num_tokens: int, cfg: ModelConfig) -> int:

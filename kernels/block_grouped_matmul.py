@@ -1,0 +1,253 @@
+"""Block-sparse grouped GEMM: rows sorted by group and padded to tiles owned by one group each.
+
+    tiles[t] = rows of group g(t), padded with zero rows to `block`;   out[t] = tiles[t] @ w[g(t)]
+
+`jax.lax.ragged_dot` is what XLA offers for a grouped product, but XLA:CPU lowers it to about E
+dense products over all M rows (E times the routed FLOPs). Here the layout is static instead:
+with R routed rows in E groups, each group is padded to a multiple of `block`, which needs at most
+    num_tiles = (R + E * (block - 1)) // block
+tiles; the product is a `lax.scan` over the tiles in use, one [b, K] x [K, N] matmul per step, so
+the work is the routed FLOPs plus each group's padding to a whole tile (< E * block rows).
+
+The layout maps assignments (token m, choice k) to slots and back. Rows move between tokens and
+slots by gathers both ways (`dispatch` / `combine` and their VJPs), never by a scatter of rows
+(slow on CPU):
+    dispatch:   xs[p] = x[token(p)]            (zero for padding slots)
+    dispatch^T: dx[m] = sum_k dxs[slot(m, k)]
+    combine:    y[m] = sum_k g[m, k] ys[slot(m, k)]
+    combine^T:  dys[p] = g(p) dy[token(p)],  dg[m, k] = dy[m] . ys[slot(m, k)]
+
+Used by the dropless MoE on CPU (deepseek_jax/moe.py `routed_blocked`). Its plain twins,
+`ragged_dot` and the one-hot reference of grouped_matmul_reference.py, are held equal to it
+(forward and VJP) by tests/kernels/test_block_grouped_matmul.py.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "BlockLayout",
+    "block_gmm",
+    "block_layout",
+    "choose_block",
+    "combine",
+    "dispatch",
+]
+
+
+class BlockLayout(NamedTuple):
+    """Where each assignment lives in the padded, tile-aligned buffer of P = T * block slots.
+
+    Attributes:
+      slot: [R] int32 slot of each assignment (row-major over [M, K]).
+      source: [P] int32 assignment held by each slot, R for a padding slot.
+      tile_group: [T] int32 group owning each tile (unused trailing tiles: the last group, all
+        their rows are padding).
+      tiles_used: [] int32 tiles holding at least one assignment (the first ones).
+      block: rows per tile (static).
+    """
+
+    slot: jax.Array
+    source: jax.Array
+    tile_group: jax.Array
+    tiles_used: jax.Array
+    block: int
+
+
+def choose_block(rows: int, groups: int) -> int:
+    """Rows per tile: the largest power of two in [8, 128] keeping padding <= ~1/8 of the rows.
+
+    Padding is at most groups * (block - 1) rows; smaller tiles waste fewer FLOPs but make more,
+    smaller matmuls and more weight copies.
+    """
+    block = 128
+    while block > 8 and groups * block > rows // 8:
+        block //= 2
+    return block
+
+
+def num_tiles(rows: int, groups: int, block: int) -> int:
+    """Static upper bound on sum_g ceil(n_g / block) over any split of `rows` into `groups`."""
+    return max(1, (rows + groups * (block - 1)) // block)
+
+
+def block_layout(groups: jax.Array, num_groups: int, block: int) -> BlockLayout:
+    """The tile layout of assignments to groups.
+
+    Args:
+      groups: [R] int group of each assignment, in [0, num_groups).
+      num_groups: E.
+      block: rows per tile.
+    Returns:
+      BlockLayout with T = num_tiles(R, E, block) tiles.
+    """
+    (R,) = groups.shape
+    E = num_groups
+    T = num_tiles(R, E, block)
+    one_hot = jax.nn.one_hot(groups, E, dtype=jnp.int32)  # [R, E]
+    sizes = one_hot.sum(0)  # [E]
+    # Rank of each assignment within its group (stable: assignment order).
+    rank = jnp.take_along_axis(jnp.cumsum(one_hot, 0), groups[:, None], 1)[:, 0] - 1  # [R]
+    tiles = -(-sizes // block)  # [E] tiles per group
+    tile_end = jnp.cumsum(tiles)  # [E]
+    tile_start = tile_end - tiles
+    slot = (tile_start[groups] * block + rank).astype(jnp.int32)  # [R]
+    source = jnp.full((T * block,), R, jnp.int32).at[slot].set(jnp.arange(R, dtype=jnp.int32))
+    tile_group = jnp.searchsorted(tile_end, jnp.arange(T), side="right")
+    tile_group = jnp.minimum(tile_group, E - 1).astype(jnp.int32)  # [T]
+    return BlockLayout(slot, source, tile_group, tile_end[-1].astype(jnp.int32), block)
+
+
+def _take_rows(a: jax.Array, index: jax.Array) -> jax.Array:
+    """a[index] along axis 0, zero where index is out of range."""
+    return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch: tokens -> slots.
+# ----------------------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _dispatch(x, source_token, slot):
+    return _take_rows(x, source_token)
+
+
+def _dispatch_fwd(x, source_token, slot):
+    return _dispatch(x, source_token, slot), (source_token, slot)
+
+
+def _dispatch_bwd(res, dxs):
+    source_token, slot = res
+    dx = _take_rows(dxs, slot.reshape(-1)).reshape(*slot.shape, -1).sum(1)  # [M, D]
+    return dx, None, None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+def dispatch(x: jax.Array, layout: BlockLayout, k: int) -> jax.Array:
+    """x [M, D] -> xs [P, D]: each token's row copied to its K slots, zeros in padding slots."""
+    source_token = layout.source // k  # padding (R) -> M: out of range -> zero row
+    return _dispatch(x, source_token, layout.slot.reshape(-1, k))
+
+
+# ----------------------------------------------------------------------------------------------
+# combine: slots -> tokens, weighted by the gates.
+# ----------------------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _combine(ys, g, slot, source):
+    y = _take_rows(ys, slot.reshape(-1)).reshape(*slot.shape, -1)  # [M, K, D]
+    return jnp.einsum("mkd,mk->md", y, g.astype(y.dtype))
+
+
+def _combine_fwd(ys, g, slot, source):
+    return _combine(ys, g, slot, source), (ys, g, slot, source)
+
+
+def _combine_bwd(res, dy):
+    ys, g, slot, source = res
+    k = slot.shape[1]
+    g_slot = _take_rows(g.reshape(-1), source)  # [P], zero for padding
+    dys = _take_rows(dy, source // k) * g_slot[:, None].astype(dy.dtype)  # [P, D]
+    y = _take_rows(ys, slot.reshape(-1)).reshape(*slot.shape, -1)  # [M, K, D]
+    dg = jnp.einsum("mkd,md->mk", y, dy, preferred_element_type=jnp.float32)
+    return dys.astype(ys.dtype), dg.astype(g.dtype), None, None
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+def combine(ys: jax.Array, g: jax.Array, layout: BlockLayout) -> jax.Array:
+    """ys [P, D], gates g [M, K] -> y [M, D] = sum_k g[m, k] ys[slot(m, k)]."""
+    return _combine(ys, g, layout.slot.reshape(g.shape), layout.source)
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-tile product.
+# ----------------------------------------------------------------------------------------------
+
+
+def _tiles(a: jax.Array, num: int) -> jax.Array:
+    return a.reshape(num, -1, a.shape[-1])  # [P, K] -> [T, b, K]
+
+
+def _scan_gmm(xs, w, tile_group, used):
+    """out[t] = xs[t] @ w[g(t)] tile by tile; unused trailing tiles are skipped (zeros)."""
+    T = tile_group.shape[0]
+    zeros = jnp.zeros((xs.shape[0] // T, w.shape[2]), jnp.float32)
+
+    def body(_, inp):
+        x_t, g, live = inp  # [b, K], [], []
+        w_g = lax.dynamic_index_in_dim(w, g, keepdims=False)  # [K, N]
+        out = lax.cond(
+            live, lambda: jnp.dot(x_t, w_g, preferred_element_type=jnp.float32), lambda: zeros
+        )
+        return None, out.astype(xs.dtype)
+
+    live = jnp.arange(T) < used
+    return lax.scan(body, None, (_tiles(xs, T), tile_group, live))[1].reshape(xs.shape[0], -1)
+
+
+@jax.custom_vjp
+def _block_gmm(xs, w, tile_group, used):
+    return _scan_gmm(xs, w, tile_group, used)
+
+
+def _block_gmm_fwd(xs, w, tile_group, used):
+    return _scan_gmm(xs, w, tile_group, used), (xs, w, tile_group, used)
+
+
+def _block_gmm_bwd(res, dy):
+    xs, w, tile_group, used = res
+    T = tile_group.shape[0]
+    dy = dy.astype(xs.dtype)
+    # dx = dy @ w[g]^T, tile by tile; dw[g] += x_t^T dy_t accumulates in a carried [E, K, N]
+    # (tiles of a group are consecutive, updated in place: no scatter).
+    dx = _scan_gmm(dy, w.transpose(0, 2, 1), tile_group, used)
+
+    def body(dw, inp):
+        x_t, dy_t, g, live = inp
+        part = jnp.dot(x_t.T, dy_t, preferred_element_type=jnp.float32)  # [K, N]
+        cur = lax.dynamic_index_in_dim(dw, g, keepdims=False)
+        new = lax.cond(live, lambda: cur + part, lambda: cur)
+        return lax.dynamic_update_index_in_dim(dw, new, g, 0), None
+
+    live = jnp.arange(T) < used
+    dw0 = jnp.zeros(w.shape, jnp.float32)
+    dw = lax.scan(body, dw0, (_tiles(xs, T), _tiles(dy, T), tile_group, live))[0]
+    return dx, dw.astype(w.dtype), None, None
+
+
+_block_gmm.defvjp(_block_gmm_fwd, _block_gmm_bwd)
+
+
+def block_gmm(xs: jax.Array, w: jax.Array, layout: BlockLayout) -> jax.Array:
+    """Tile-wise grouped product out[t] = xs[t] @ w[g(t)], differentiable (custom VJP).
+
+    A `lax.scan` over tiles: XLA:CPU runs one [b, K] x [K, N] matmul per step much faster than
+    the same work as a batched matmul over gathered weights, and tiles past the last one in use
+    are skipped, so the work is the routed rows plus each group's padding to a whole tile.
+
+    Args:
+      xs: [P, K] slots, P = T * block, tiles of one group each (`dispatch`).
+      w: [E, K, N], same dtype as xs.
+      layout: the `block_layout` that placed the rows.
+    Returns:
+      [P, N] in xs.dtype (fp32 accumulation); zero rows for padding slots.
+    """
+    if xs.ndim != 2 or w.ndim != 3 or xs.shape[1] != w.shape[1]:
+        raise ValueError(f"xs must be [P, K] and w [E, K, N], got xs{xs.shape} and w{w.shape}")
+    (T,) = layout.tile_group.shape
+    if xs.shape[0] != T * layout.block:
+        raise ValueError(f"xs rows {xs.shape[0]} must equal {T} tiles x block {layout.block}")
+    if xs.dtype != w.dtype:
+        raise TypeError(f"xs.dtype={xs.dtype} must equal w.dtype={w.dtype}")
+    return _block_gmm(xs, w, layout.tile_group, layout.tiles_used)

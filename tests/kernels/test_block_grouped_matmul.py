@@ -1,0 +1,143 @@
+"""Block-sparse grouped GEMM and the blocked dropless MoE vs ragged_dot and one-hot references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax.gate import Routing
+from deepseek_jax.kernels import block_grouped_matmul as bgm
+from deepseek_jax.kernels import grouped_matmul as gm
+from deepseek_jax.moe import routed_blocked, routed_dropless, routed_reference
+from deepseek_jax.testing import assert_close
+
+E, D, F = 4, 24, 16
+
+
+def _normal(shape, seed, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+# (name, experts [M, K]): balanced; every token on experts 0 and 1 (experts 2, 3 empty, group
+# sizes far from tile multiples); a single token.
+ROUTINGS = {
+    "spread": np.random.default_rng(3).permuted(np.tile(np.arange(E), (19, 1)), axis=1)[:, :2],
+    "skewed": np.tile([1, 0], (21, 1)),
+    "single": np.array([[3, 1]]),
+}
+
+
+def _routing(name):
+    experts = jnp.asarray(ROUTINGS[name], jnp.int32)
+    weights = jax.nn.softmax(_normal(experts.shape, 4), -1)
+    return Routing(weights, experts, None)
+
+
+@pytest.mark.parametrize("name", list(ROUTINGS))
+def test_layout_places_every_assignment_once_in_a_tile_of_its_group(name):
+    block = 8
+    experts = jnp.asarray(ROUTINGS[name].reshape(-1), jnp.int32)
+    lay = bgm.block_layout(experts, E, block)
+    slot, source, tile_group = map(np.asarray, (lay.slot, lay.source, lay.tile_group))
+    R = experts.shape[0]
+    assert len(set(slot.tolist())) == R  # distinct slots
+    np.testing.assert_array_equal(source[slot], np.arange(R))  # source inverts slot
+    assert (source == R).sum() == source.size - R  # every other slot is padding
+    np.testing.assert_array_equal(tile_group[slot // block], np.asarray(experts))
+    sizes = np.bincount(np.asarray(experts), minlength=E)
+    assert int(lay.tiles_used) == int(np.ceil(sizes / block).sum())
+    assert tile_group.size == bgm.num_tiles(R, E, block) >= int(lay.tiles_used)
+    # Tiles in use come first, in group order; a group's assignments keep their order.
+    assert (np.diff(tile_group) >= 0).all()
+    for e in range(E):
+        assert (np.diff(slot[np.asarray(experts) == e]) > 0).all()
+
+
+@pytest.mark.parametrize("name", ["skewed"])
+def test_block_gmm_matches_ragged_dot_and_reference_forward_and_vjp(name):
+    experts = jnp.asarray(ROUTINGS[name].reshape(-1), jnp.int32)
+    R = experts.shape[0]
+    order = jnp.argsort(experts, stable=True)
+    sizes = jnp.bincount(experts, length=E).astype(jnp.int32)
+    x, w = _normal((R, D), 0), _normal((E, D, F), 1)
+    cot = _normal((R, F), 2)
+
+    def blocked(x, w):  # rows in assignment order -> tiles -> back, sorted like the others
+        lay = bgm.block_layout(experts, E, 8)
+        xs = jnp.take(x, lay.source, axis=0, mode="fill", fill_value=0)  # [P, D]
+        out = bgm.block_gmm(xs, w, lay)  # [P, F]
+        return out[lay.slot][order]  # [R, F] in group order
+
+    def grouped(x, w):
+        return gm.grouped_matmul(x[order], w, sizes, impl="xla")
+
+    def ref(x, w):
+        return gm.reference(x[order], w, sizes)
+
+    outs = {}
+    for fn in (blocked, grouped, ref):
+        y, vjp = jax.vjp(jax.jit(fn), x, w)
+        outs[fn.__name__] = (y, *vjp(cot))
+    for got, want, theirs in zip(outs["blocked"], outs["ref"], outs["grouped"], strict=True):
+        assert_close(got, want)
+        assert_close(got, theirs)
+
+
+def _moe_case(dtype=jnp.float32):
+    ws = (_normal((E, D, F), 5, dtype), _normal((E, D, F), 6, dtype), _normal((E, F, D), 7, dtype))
+    return tuple(w * 0.3 for w in ws)
+
+
+@pytest.mark.parametrize("name", ["spread", "skewed"])
+def test_blocked_moe_equals_ragged_and_reference_forward_and_gradients(name):
+    r = _routing(name)
+    x = _normal((r.experts.shape[0], D), 8)
+    ws = _moe_case()
+    cot = _normal(x.shape, 9)
+
+    def run(fn):
+        def f(x, g, *w):
+            return fn(x, Routing(g, r.experts, None), *w)
+
+        y, vjp = jax.vjp(jax.jit(f), x, r.weights, *ws)
+        return (y, *vjp(cot))
+
+    blocked = run(routed_blocked)
+    grouped = run(lambda *a: routed_dropless(*a, gmm="grouped"))
+    reference = run(routed_reference)
+    for got, want, theirs in zip(blocked, reference, grouped, strict=True):
+        assert_close(got, want)
+        assert_close(got, theirs)
+
+
+def test_dropless_auto_is_blocked_on_cpu_and_bf16_stays_close():
+    r = _routing("spread")
+    x = _normal((r.experts.shape[0], D), 8, jnp.bfloat16)
+    ws = _moe_case(jnp.bfloat16)
+    auto = jax.jit(routed_dropless)(x, r, *ws)
+    blocked = jax.jit(routed_blocked)(x, r, *ws)
+    assert auto.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(blocked, np.float32))
+    f32 = [a.astype(jnp.float32) for a in (x, *ws)]
+    ref = routed_reference(f32[0], r, *f32[1:])
+    assert_close(blocked, ref, jnp.bfloat16)
+
+
+def test_choose_block_bounds_padding():
+    assert bgm.choose_block(8192, 16) == 64  # v3-small, B x T = 8 x 256, top-4 of 16
+    assert bgm.choose_block(32, 8) == 8  # tiny batches: the smallest tile
+    for rows, groups in [(8192, 16), (65536, 256), (1 << 20, 256)]:
+        b = bgm.choose_block(rows, groups)
+        assert groups * (b - 1) <= rows // 8 or b == 8
+
+
+def test_errors_name_the_operands():
+    lay = bgm.block_layout(jnp.zeros((4,), jnp.int32), E, 8)  # (4 + 4 * 7) // 8 = 4 tiles of 8 rows
+    with pytest.raises(ValueError, match=r"xs must be \[P, K\]"):
+        bgm.block_gmm(jnp.zeros((32, D)), jnp.zeros((E, D + 1, F)), lay)
+    with pytest.raises(ValueError, match="must equal 4 tiles x block 8"):
+        bgm.block_gmm(jnp.zeros((16, D)), jnp.zeros((E, D, F)), lay)
+    with pytest.raises(TypeError, match="xs.dtype"):
+        bgm.block_gmm(jnp.zeros((32, D), jnp.bfloat16), jnp.zeros((E, D, F)), lay)
+    with pytest.raises(ValueError, match="gmm='ragged'"):
+        routed_dropless(jnp.zeros((2, D)), _routing("single"), *_moe_case(), gmm="ragged")
