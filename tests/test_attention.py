@@ -163,6 +163,11 @@ def test_mla_rejects_fewer_kv_heads():
 def test_presets_and_yaml_roundtrip():
     cfg = _cfg(2)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    hub = cfg.to_hf_dict()  # exported as a LlamaForCausalLM config.json
+    assert (hub["model_type"], hub["num_key_value_heads"], hub["head_dim"]) == ("llama", 2, 8)
+    assert ModelConfig.from_dict(hub) == cfg.replace(dtype="bfloat16")  # hub dtype is storage
+    with pytest.raises(ValueError, match="rope_interleave=False"):
+        cfg.replace(rope_interleave=True).to_hf_dict()
     assert (cfg.kv_heads, cfg.attn_head_dim, cfg.rope_dim) == (2, 8, 8)
     llm67 = load_preset("deepseek-llm-67b")
     assert (llm67.num_attention_heads, llm67.kv_heads, llm67.attn_head_dim) == (64, 8, 128)
@@ -179,3 +184,14 @@ def test_kv_heads_logical_axis_is_sharded_over_tensor():
     assert tuple(spec) == ("fsdp", "tensor", None)
     with pytest.raises(ValueError, match="kv_heads.*not divisible"):
         spec_for("wk", (D, K, H), ("embed", "kv_heads", "head_dim"), rules, dict(mesh, tensor=16))
+
+
+def test_fp8_linear_runs_standard_attention():
+    """cfg.fp8 routes q/k/v/o and the FFN through the block-scaled FP8 kernels (see
+    tests/test_fp8_model.py for the error bound: two E4M3 matmul errors, ~5.1% RMS each)."""
+    cfg = _cfg(2, hidden_size=64, head_dim=16)
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    a = _call(DeepSeekModel(cfg, rngs=nnx.Rngs(0)), ids).logits
+    b = _call(DeepSeekModel(cfg.replace(fp8=True), rngs=nnx.Rngs(0)), ids).logits
+    rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+    assert 1e-3 < rel < 2 * (2 / 3) ** 0.5 * 2**-4, rel
