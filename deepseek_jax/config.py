@@ -286,6 +286,7 @@ class ModelConfig:
             )
         if model_type == "llama":  # DeepSeek LLM / DeepSeekMath: LlamaForCausalLM checkpoints
             raw.update(attention_type="mha", n_routed_experts=None, num_nextn_predict_layers=0)
+            raw.update(first_k_dense_replace=0)  # no MoE: every layer is dense
             raw.setdefault("rope_interleave", False)  # HF Llama rotates half-split pairs
         # Standard attention keeps the head fields that DeepSeek-V2/V3 files carry as noise.
         kept = {k: raw.pop(k) for k in ("head_dim",) if k in raw}

@@ -1,9 +1,10 @@
 """The DeepSeek model cut into pipeline stages for `sharding.pipeline.pipeline_grads`.
 
-Stage s holds MoE layers [s * L/PP, (s + 1) * L/PP). The first stage also runs the embedding and
-the dense layers, the last the final norm, output head and the MTP modules (their inputs, the
-token ids, travel with every micro-batch). Those shared pieces are replicated over the stage axis;
-their gradients are summed over stages. Every stage adds the balance losses of its own MoE layers;
+Stage s holds MoE layers [s * L/PP, (s + 1) * L/PP) (a dense model, DeepSeek LLM, splits its one
+stack of dense layers the same way). The first stage also runs the embedding and the dense
+layers, the last the final norm, output head and the MTP modules (their inputs, the token ids,
+travel with every micro-batch). Those shared pieces are replicated over the stage axis; their
+gradients are summed over stages. Every stage adds the balance losses of its own MoE layers;
 the last adds the LM and MTP losses, so the pipelined loss equals the plain model's.
 """
 
@@ -67,8 +68,8 @@ def pipelined_value_and_grad(
       lcfg: loss weights.
     Returns:
       (loss = mean over micro-batches of total_loss, grads as an nnx.State shaped like
-       `nnx.state(model, nnx.Param)`, expert counts [L_moe + n_mtp, E] summed over the batch,
-       {"main_loss", "mtp_loss"} means over micro-batches).
+       `nnx.state(model, nnx.Param)`, expert counts [L_moe + n_mtp, E] summed over the batch
+       (None for a dense model), {"main_loss", "mtp_loss"} means over micro-batches).
     """
     cfg = model.cfg
     PP = schedule.num_ranks
@@ -77,27 +78,35 @@ def pipelined_value_and_grad(
             f"{cfg.num_moe_layers} MoE layers do not split into {PP} stages "
             "(num_hidden_layers - first_k_dense_replace must be divisible by stage)"
         )
+    key = "moe_layers" if cfg.is_moe else "dense_layers"  # the stack split over the stages
+    if not cfg.is_moe and cfg.num_dense_layers % PP:
+        raise ValueError(
+            f"{cfg.num_dense_layers} layers do not split into {PP} stages "
+            "(num_hidden_layers must be divisible by stage)"
+        )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    stage_params = _stage_split(params["moe_layers"], PP)
-    stage_rest = _stage_split(rest["moe_layers"], PP)
-    params = nnx.State({k: v for k, v in params.items() if k != "moe_layers"})
-    rest = nnx.State({k: v for k, v in rest.items() if k != "moe_layers"})
+    stage_params = _stage_split(params[key], PP)
+    has_rest = key in rest  # MoE stacks hold the routing bias; dense ones only parameters
+    stage_rest = _stage_split(rest[key], PP) if has_rest else nnx.State({})
+    params = nnx.State({k: v for k, v in params.items() if k != key})
+    rest = nnx.State({k: v for k, v in rest.items() if k != key})
     M = schedule.num_microbatches
     mbs = split_microbatches({k: batch.get(k) for k in BATCH_KEYS}, M)
     B_mb, T = mbs["input_ids"].shape[1:]
     act = jax.ShapeDtypeStruct((B_mb, T, cfg.hidden_size), cfg.compute_dtype)
-    E = cfg.n_routed_experts
+    E = cfg.n_routed_experts or 1  # dense: empty placeholder counts, dropped at the end
 
     def stage_fn(sp: Any, shared: Any, x, inp: dict, is_first, is_last):
-        p = nnx.State({**shared["params"], "moe_layers": sp["params"]})
-        r = nnx.State({**shared["rest"], "moe_layers": sp["rest"]})
+        p = nnx.State({**shared["params"], key: sp["params"]})
+        r = nnx.State({**shared["rest"], **({key: sp["rest"]} if has_rest else {})})
         m = nnx.merge(graphdef, p, r)
         ids = inp["input_ids"]
         ctx = m.context(ids, inp.get("positions"), inp.get("segment_ids"))
-        h = jax.lax.cond(is_first, lambda: m.embed_and_dense(ids, ctx), lambda: x)
-        h, stats = m.run_stack(m.moe_layers, h, ctx)
+        first = (lambda: m.embed_and_dense(ids, ctx)) if cfg.is_moe else (lambda: m._embed(ids))
+        h = jax.lax.cond(is_first, first, lambda: x)
+        h, stats = m.run_stack(getattr(m, key), h, ctx)
         loss, _ = balance_loss(stats, cfg, lcfg)
-        counts = {"moe": stats.expert_counts.sum(1)}
+        counts = {"moe": stats.expert_counts.sum(1) if stats is not None else jnp.zeros((0, E))}
 
         def last(h):
             logits, mtp_logits, mtp_stats = m.outputs(h, ids, ctx)
@@ -124,8 +133,9 @@ def pipelined_value_and_grad(
         schedule,
         mesh,
     )
-    grads = nnx.State({**g_shared["params"], "moe_layers": _stage_merge(g_stage["params"])})
+    grads = nnx.State({**g_shared["params"], key: _stage_merge(g_stage["params"])})
     expert_counts = jnp.concatenate([_stage_merge(counts["moe"]), counts["mtp"][-1]], axis=0)
+    expert_counts = expert_counts if cfg.is_moe else None
     main, mtp = counts["lm"][-1] / M  # the last stage's loss parts, mean over micro-batches
     metrics = {"main_loss": main}
     if cfg.num_nextn_predict_layers:

@@ -386,7 +386,9 @@ def plan(
         )
     )
     M_l = B_l * seq
-    if exchange == "capacity":
+    if not cfg.is_moe:  # dense models (DeepSeek LLM): no expert exchange
+        rows = 0
+    elif exchange == "capacity":
         rows = layout.ep_size * expert_parallel.capacity_per_device(M_l, cfg, layout.ep_size)
     else:
         rows = expert_parallel.ragged_buffer_rows(M_l, cfg, layout.ep_size, buffer_factor)

@@ -132,8 +132,8 @@ def test_hf_config_rope_parameters_style(tmp_path):
 
 def test_hf_config_errors(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(_hf_v3(model_type="llama")))
-    with pytest.raises(ValueError, match="model_type='llama'"):
+    path.write_text(json.dumps(_hf_v3(model_type="mistral")))
+    with pytest.raises(ValueError, match="model_type='mistral'"):
         ModelConfig.from_file(path)
     path.write_text(json.dumps(_hf_v3(bogus_key=1)))
     with pytest.raises(ValueError, match="bogus_key"):

@@ -267,7 +267,8 @@ def make_train_step(
                 model, batch, pipe, mesh, loss_cfg, lam
             )
         grads = jax.tree.map(lambda p, g: g.astype(p.dtype), state.params, nnx.to_pure_dict(grads))
-        dropped = jnp.zeros((counts.shape[0],), jnp.float32)  # the pipeline runs dropless
+        # The pipeline runs dropless (a dense model has no counts at all).
+        dropped = None if counts is None else jnp.zeros((counts.shape[0],), jnp.float32)
         return loss, grads, metrics, counts, dropped
 
     def grads_and_metrics(state: TrainState, batch: Batch, lam):

@@ -122,8 +122,8 @@ def _edit_config(directory, **changes):
 
 
 def test_unsupported_model_type(ckpt, tmp_path):
-    _edit_config(ckpt, model_type="llama")
-    _fails(ckpt, tmp_path, "model_type='llama' is unsupported", "config.json")
+    _edit_config(ckpt, model_type="mistral")
+    _fails(ckpt, tmp_path, "model_type='mistral' is unsupported", "config.json")
 
 
 def test_unsupported_quantization(ckpt, tmp_path):
