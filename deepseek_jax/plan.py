@@ -384,7 +384,7 @@ def plan(
     )
     M_l = B_l * seq
     if exchange == "capacity":
-        rows = layout.ep_size * expert_parallel.capacity_per_device(M_l, cfg, layout.ep_size)
+        rows = expert_parallel.capacity_sizes(M_l, cfg, layout.ep_size).recv_rows
     else:
         rows = expert_parallel.ragged_buffer_rows(M_l, cfg, layout.ep_size, buffer_factor)
     act = _activation_estimate(cfg, mesh_shape, rules, B_l, seq, rows if cfg.is_moe else 0)
