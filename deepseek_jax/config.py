@@ -102,6 +102,8 @@ class ModelConfig:
     moe_layer_freq: int = 1
     moe_impl: MoeImpl = "dropless"
     capacity_factor: float = 1.25  # used by moe_impl="capacity"
+    # V2 Sec. 2.3: tokens of ~10% of the sequences are never dropped (expert-parallel capacity).
+    never_drop_share: float = 0.1
     # V2 balance losses per sequence, then averaged (DeepSeek's MoEGate with the shipped
     # config.json `seq_aux: true`); false: over the whole batch. See losses.py.
     seq_aux: bool = True
@@ -193,6 +195,8 @@ class ModelConfig:
             _fail("moe_impl", self.moe_impl, "allowed: dropless, capacity")
         if self.capacity_factor <= 0:
             _fail("capacity_factor", self.capacity_factor, "must be positive")
+        if not 0 <= self.never_drop_share <= 1:
+            _fail("never_drop_share", self.never_drop_share, "must be in [0, 1]")
 
     def _validate_attention(self) -> None:
         if self.attention_type not in ("mla", "mha"):
@@ -361,6 +365,7 @@ class ModelConfig:
                 "fp8",
                 "moe_impl",
                 "capacity_factor",
+                "never_drop_share",
             )
         }
         v3 = self.topk_method == "noaux_tc"

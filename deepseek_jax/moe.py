@@ -211,7 +211,7 @@ class MoE(nnx.Module):
             ws = [w[...].astype(cfg.compute_dtype) for w in (self.w_gate, self.w_up, self.w_down)]
             exchange = expert_parallel.exchange_for_impl(impl or "ep", cfg)
             routed, r, dropped = expert_parallel.expert_parallel_routed(
-                self.gate, x, *ws, cfg, exchange=exchange
+                self.gate, x, *ws, cfg, exchange=exchange, token_mask=token_mask
             )
             out = routed if self.shared is None else routed + self.shared(x)
             return out.astype(x.dtype), self._stats(r, B, T, token_mask, dropped)

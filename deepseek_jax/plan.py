@@ -389,7 +389,7 @@ def plan(
     if not cfg.is_moe:  # dense models (DeepSeek LLM): no expert exchange
         rows = 0
     elif exchange == "capacity":
-        rows = layout.ep_size * expert_parallel.capacity_per_device(M_l, cfg, layout.ep_size)
+        rows = expert_parallel.capacity_sizes(M_l, cfg, layout.ep_size).recv_rows
     else:
         rows = expert_parallel.ragged_buffer_rows(M_l, cfg, layout.ep_size, buffer_factor)
     act = _activation_estimate(cfg, mesh_shape, rules, B_l, seq, rows if cfg.is_moe else 0)

@@ -10,9 +10,12 @@ experts as one grouped matmul, sends the results back and forms the gated sum. T
                         device routes (GPU/TPU; XLA:CPU has no ragged-all-to-all);
   * `ragged_emulated` - the same offsets and sizes, the transfer done by an all-gather (P times
                         the traffic) so that CPU runs and tests can hold the ragged plan exact;
-  * `capacity`        - a fixed [P, C, D] buffer and `jax.lax.all_to_all`, C slots per (source,
-                        destination) device pair. Overflow applies V2's device-level dropping
-                        (Sec. 2.2.3): the lowest-affinity assignments bound for a full device go.
+  * `capacity`        - V2's device-level token dropping (Sec. 2.2.3) over fixed `all_to_all`
+                        buffers: each receiving device has a budget of C = ceil(capacity_factor
+                        M_l K) assignments (its mean load times the factor); when more arrive it
+                        drops the lowest raw-affinity s_{i,t} ones across *all* sources, except
+                        those of the ~10% of sequences that are never dropped
+                        (`ModelConfig.never_drop_share`, V2 Sec. 2.3); padding is never sent.
 
 Node-limited routing (V3 Sec. 2.1.2; V2's device-limited routing): the gate's `n_group` expert
 groups lie along the expert axis, group g on the contiguous devices [g P/G, (g+1) P/G) - a
@@ -32,6 +35,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -40,6 +44,7 @@ from deepseek_jax.gate import Routing
 from deepseek_jax.sharding.logical import MeshAxes, current_rules
 
 Exchange = Literal["ragged", "ragged_emulated", "capacity"]
+_PROTECT = 2.0  # added to a never-dropped token's affinity (affinities lie in [0, 1])
 EP_IMPLS = ("ep", "ep_ragged", "ep_ragged_emulated", "ep_capacity")
 _RAGGED_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 _EXCHANGE: contextvars.ContextVar[tuple[Exchange, float | None] | None] = contextvars.ContextVar(
@@ -195,9 +200,55 @@ def nodes_per_token(experts: jax.Array, cfg: ModelConfig, ep_size: int) -> jax.A
     return hit.sum(-1)
 
 
-def capacity_per_device(tokens: int, cfg: ModelConfig, ep_size: int) -> int:
-    """C: slots per (source, destination) device pair, ceil(capacity_factor * M_l * K / P)."""
-    return max(1, math.ceil(cfg.capacity_factor * tokens * cfg.num_experts_per_tok / ep_size))
+class CapacitySizes(NamedTuple):
+    """Static sizes of the device-level capacity exchange (per device of an EP group)."""
+
+    budget: int  # C: assignments a device accepts, ceil(capacity_factor * M_l * K)
+    pair_rows: int  # R: most assignments one source can route to one device, M_l min(K, E/P)
+    send_rows: int  # rows per (source, destination) block of the data exchange, <= R
+    recv_rows: int  # rows a device computes: max(C, protected ones that may arrive), <= P R
+
+
+def capacity_sizes(
+    tokens: int, cfg: ModelConfig, ep_size: int, protected_tokens: int = 0
+) -> CapacitySizes:
+    """Sizes of the device-level dropping exchange for M_l = `tokens` per device.
+
+    A device keeps at most max(C, protected arrivals) assignments, so no source sends it more:
+    the data blocks need min(R, that) rows and are never overflowed. `protected_tokens` is the
+    most never-dropped tokens one source holds.
+    """
+    K, E_l = cfg.num_experts_per_tok, cfg.n_routed_experts // ep_size
+    R = tokens * min(K, E_l)
+    budget = max(1, math.ceil(cfg.capacity_factor * tokens * K))
+    recv = min(ep_size * R, max(budget, ep_size * protected_tokens * min(K, E_l)))
+    return CapacitySizes(budget, R, min(R, recv), recv)
+
+
+def protected_sequences(batch: int, share: float) -> np.ndarray:
+    """[B] bool: the sequences whose tokens are never dropped (V2 Sec. 2.3, "approximately
+    10% of the training sequences"): every 1/share-th sequence, spread over the batch (and so
+    over its shards), floor(B share) of them."""
+    b = np.arange(batch)
+    return np.floor((b + 1) * share) > np.floor(b * share)
+
+
+def device_keep(priority: jax.Array, budget: int) -> jax.Array:
+    """V2's device-level rule on one receiving device: which arriving assignments stay.
+
+    Args:
+      priority: [P, R] for each source's assignments to this device: the raw affinity s, plus
+        `_PROTECT` for never-dropped sequences, -inf where nothing was sent.
+      budget: C, assignments this device accepts.
+    Returns:
+      [P, R] bool: the C highest priorities (ties: lower source, then earlier slot) and every
+      protected one; nothing that was not sent.
+    """
+    flat = priority.reshape(-1)  # [P R]
+    order = jnp.argsort(-flat, stable=True)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(flat.shape[0]))
+    keep = jnp.isfinite(flat) & ((rank < budget) | (flat >= _PROTECT))
+    return keep.reshape(priority.shape)
 
 
 def ragged_buffer_rows(
@@ -231,11 +282,11 @@ def global_expert_load(expert_counts: jax.Array) -> jax.Array:
 
 # ---- the per-device plans (pure functions of local data, tested on their own) ----------------
 def capacity_layout(dest: jax.Array, weights: jax.Array, n_dev: int, capacity: int):
-    """Slots of the [P, C] send buffer for each assignment, with device-level dropping.
+    """Slots of a [P, C] send buffer for each assignment, by destination then priority.
 
     Args:
       dest: [M, K] destination device of each (token, expert) assignment.
-      weights: [M, K] gating weights: within a device, higher weight gets the earlier slot.
+      weights: [M, K] priorities: within a device, a higher one gets the earlier slot.
       n_dev: P, devices in the EP group; capacity: C, slots per destination device.
     Returns:
       (order [M*K] assignment ids sorted by destination, then by descending weight;
@@ -380,23 +431,51 @@ def _all_to_all(x, axes):
     return jax.lax.all_to_all(x, _axis_arg(axes), 0, 0, tiled=True)  # [P, ...] blocks swap
 
 
-def _capacity_exchange(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig, capacity: int):
-    """Fixed-capacity dispatch/combine; returns ([M, D] routed sum, dropped count)."""
+def _capacity_exchange(xc, r: Routing, klass, ws, layout: EPLayout, cfg, sizes: CapacitySizes):
+    """Device-level dropping (V2 Sec. 2.2.3) over fixed all-to-alls -> ([M, D], dropped count).
+
+    klass [M]: 0 padding (never sent), 1 a token, 2 a token of a never-dropped sequence.
+    1. each source ranks its assignments to each device by raw affinity s (V2 drops "the
+       tokens with the lowest affinity scores"; not the normalised, scaled gating weight) and
+       sends the priorities [P, R] (all_to_all);
+    2. each device keeps its C best arrivals across all sources (`device_keep`) and sends the
+       verdicts back (all_to_all of [P, R] bools);
+    3. the kept rows travel in [P, R', D] blocks (R' = sizes.send_rows: kept rows from one
+       source never exceed it), are compacted to the device's recv_rows, run through the local
+       experts and return (two all_to_alls).
+    """
     M, K = r.experts.shape
     D, E_l, n_dev, axes = xc.shape[-1], ws[0].shape[0], layout.ep_size, layout.expert_axes
-    order, sorted_dest, slot, keep = capacity_layout(r.experts // E_l, r.weights, n_dev, capacity)
+    R, S = sizes.pair_rows, sizes.send_rows
+    affinity = jax.lax.stop_gradient(jnp.take_along_axis(r.scores, r.experts, axis=-1))  # [M, K]
+    k = jnp.repeat(klass[:, None], K, axis=1)  # [M, K]
+    prio = jnp.where(k == 2, affinity + _PROTECT, affinity)
+    prio = jnp.where(k == 0, -jnp.inf, prio)
+    order, sorted_dest, slot, _ = capacity_layout(r.experts // E_l, prio, n_dev, R)
+    sorted_prio = prio.reshape(-1)[order]
+    send_p = jnp.full((n_dev, R), -jnp.inf, prio.dtype).at[sorted_dest, slot].set(sorted_prio)
+    recv_p = _all_to_all(send_p, axes)  # [P, R]: block q came from source q
+    verdict = device_keep(recv_p, sizes.budget).astype(jnp.int8)  # int8: one byte on the wire
+    verdict = _all_to_all(verdict, axes) > 0  # [P, R]: block p from device p
+    keep_sorted = verdict[sorted_dest, slot] & jnp.isfinite(sorted_prio)  # a prefix per dest
+    slot = jnp.where(keep_sorted, slot, S)  # out of range: the scatters drop it
     sorted_e = r.experts.reshape(-1)[order]
-    send = jnp.zeros((n_dev, capacity, D), xc.dtype)
-    send = send.at[sorted_dest, slot].set(xc[order // K], mode="drop")  # [P, C, D]
-    ids = jnp.full((n_dev, capacity), E_l, jnp.int32)
-    ids = ids.at[sorted_dest, slot].set(sorted_e % E_l, mode="drop")  # [P, C]
-    recv = _all_to_all(send, axes).reshape(n_dev * capacity, D)  # block q came from source q
-    recv_ids = _all_to_all(ids, axes).reshape(-1)
-    y = _local_experts(recv, recv_ids, *ws, axes=layout.varying_axes, fp8=cfg.fp8)
-    back = _all_to_all(y.reshape(n_dev, capacity, D), axes)  # block p was computed on p
+    send = jnp.zeros((n_dev, S, D), xc.dtype)
+    send = send.at[sorted_dest, slot].set(xc[order // K], mode="drop")  # [P, S, D]
+    ids = jnp.full((n_dev, S), E_l, jnp.int32)
+    ids = ids.at[sorted_dest, slot].set(sorted_e % E_l, mode="drop")  # [P, S]
+    recv = _all_to_all(send, axes).reshape(n_dev * S, D)
+    recv_ids = _all_to_all(ids, axes).reshape(-1)  # [P S]
+    # at most recv_rows of the P S rows are filled: compute on those only
+    rows = jnp.argsort(recv_ids == E_l, stable=True)[: sizes.recv_rows]  # filled rows first
+    y = _local_experts(recv[rows], recv_ids[rows], *ws, axes=layout.varying_axes, fp8=cfg.fp8)
+    y = jnp.zeros((n_dev * S, D), y.dtype).at[rows].set(y)
+    back = _all_to_all(y.reshape(n_dev, S, D), axes)  # block p was computed on p
     ys = back.at[sorted_dest, slot].get(mode="fill", fill_value=0)  # [M*K, D], sorted order
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(M, K, D)
-    return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), (~keep).sum()
+    real = (k > 0).reshape(-1)[order]
+    dropped = (real & ~keep_sorted).sum()
+    return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), dropped
 
 
 def _ragged_exchange(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig, buffer_rows, a2a):
@@ -440,7 +519,9 @@ def _gather(w, axes, dim):
     return jax.lax.all_gather(w, _axis_arg(axes), axis=dim, tiled=True) if axes else w
 
 
-def _ep_body(gate_w, gate_rest, x, w_gate, w_up, w_down, *, gate_def, cfg, layout, exchange, sizes):
+def _ep_body(
+    gate_w, gate_rest, x, klass, w_gate, w_up, w_down, *, gate_def, cfg, layout, exchange, sizes
+):
     """One device's routed experts: x [B_l, T, D] -> (routed, routing, dropped count)."""
     B_l, T, D = x.shape
     xf = x.reshape(B_l * T, D)  # [M_l, D]
@@ -450,7 +531,7 @@ def _ep_body(gate_w, gate_rest, x, w_gate, w_up, w_down, *, gate_def, cfg, layou
     xc = xf.astype(cfg.compute_dtype)
     ws = (_gather(w_gate, D_ax, 1), _gather(w_up, D_ax, 1), _gather(w_down, D_ax, 2))
     if exchange == "capacity":
-        routed, dropped = _capacity_exchange(xc, r, ws, layout, cfg, sizes)
+        routed, dropped = _capacity_exchange(xc, r, klass.reshape(-1), ws, layout, cfg, sizes)
     elif layout.ep_size == 1:
         routed, dropped = _local_dropless(xc, r, ws, layout, cfg)
     else:
@@ -475,6 +556,7 @@ def expert_parallel_routed(
     *,
     exchange: Exchange,
     buffer_rows: int | None = None,
+    token_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, Routing, jax.Array]:
     """Routes and runs the routed experts under `jax.shard_map` on the context mesh.
 
@@ -485,14 +567,17 @@ def expert_parallel_routed(
         W_g, W -> all_gather(Z) -> [D, ...]   FSDP; the transpose is a reduce-scatter over Z
         s[B_X T, E] = x W_g; top-K            local routing (group-limited, node-limited)
         dispatch  a[M_l K, D] -> all_to_all(expert) -> a[P x rows_from_q, D]
-                  capacity: [P, C, D] + ids [P, C]    ragged: exactly M_l K rows each way
+                  capacity: priorities [P, R] f32 out, verdicts [P, R] bool back, then
+                  [P, R', D] + ids [P, R'] (R' = CapacitySizes.send_rows)
+                  ragged: exactly M_l K rows each way
         experts   h = SwiGLU(a; W_gate/up[E_P, D, F_Y], W_down[E_P, F_Y, D])  grouped matmul
         combine   y[P x rows, D] -> all_to_all(expert) -> y[M_l K, D]
         out[B_X T, D] = sum_k g_k y_k; psum_Y(out) when F is split over Y
         dropped: psum_X of the local count
 
     Bytes per device per layer, forward (the backward repeats the two exchanges, and a full
-    remat recomputes the forward's): capacity 2 P C D b + 4 P C (ids); ragged 2 M_l K D b plus
+    remat recomputes the forward's): capacity 2 P R' D b + 4 P R' (ids) + 5 P R (priorities
+    and verdicts); ragged 2 M_l K D b plus
     an all-gather of the [E] int32 counts (the real collective sends (P-1)/P of it off-device).
 
     Args:
@@ -502,9 +587,11 @@ def expert_parallel_routed(
       cfg: model config (sizes, capacity_factor, compute dtype).
       exchange: 'ragged' | 'ragged_emulated' | 'capacity'.
       buffer_rows: receive rows of the ragged path (default `ragged_buffer_rows`, dropless).
+      token_mask: [B, T] bool, False on padding: the capacity exchange never sends padding, so
+        it takes no device budget; None = no padding.
     Returns:
       (routed [B, T, D], Routing with weights/experts [B*T, K] and scores [B*T, E],
-       dropped fraction [] of all (token, expert) assignments).
+       dropped fraction [] of the real (token, expert) assignments).
     """
     ctx = _context()
     if ctx is None:
@@ -529,8 +616,13 @@ def expert_parallel_routed(
     if exchange not in ("ragged", "ragged_emulated", "capacity"):
         raise ValueError(f"exchange={exchange!r}: allowed ragged, ragged_emulated, capacity")
     tokens = B // layout.batch_shards * T
+    mask = jnp.ones((B, T), bool) if token_mask is None else token_mask.astype(bool)
+    protect = protected_sequences(B, cfg.never_drop_share)  # [B] (V2 Sec. 2.3)
+    klass = jnp.where(mask, jnp.where(jnp.asarray(protect)[:, None], 2, 1), 0).astype(jnp.int32)
     if exchange == "capacity":
-        sizes = capacity_per_device(tokens, cfg, layout.ep_size)
+        B_l = B // layout.batch_shards
+        most = max(int(protect[i : i + B_l].sum()) for i in range(0, B, B_l)) * T
+        sizes = capacity_sizes(tokens, cfg, layout.ep_size, most)
     else:
         factor = None if _EXCHANGE.get() is None else _EXCHANGE.get()[1]
         sizes = buffer_rows or ragged_buffer_rows(tokens, cfg, layout.ep_size, factor)
@@ -547,8 +639,9 @@ def expert_parallel_routed(
     routed, r, dropped = jax.shard_map(
         body,
         mesh=jax.sharding.get_abstract_mesh(),
-        in_specs=(gate_spec, P(), P(X), P(EX, D_ax, F), P(EX, D_ax, F), P(EX, F, D_ax)),
+        in_specs=(gate_spec, P(), P(X), P(X), P(EX, D_ax, F), P(EX, D_ax, F), P(EX, F, D_ax)),
         out_specs=(P(X), out_routing, P()),
-    )(gate_w, gate_rest, x, w_gate, w_up, w_down)
+    )(gate_w, gate_rest, x, klass, w_gate, w_up, w_down)
     flat = Routing(*(a.reshape(B * T, -1) for a in r))  # [M, K], [M, K], [M, E]
-    return routed, flat, dropped.astype(jnp.float32) / (B * T * K)
+    real = jnp.maximum(mask.sum() * K, 1).astype(jnp.float32)  # padding is never routed
+    return routed, flat, dropped.astype(jnp.float32) / real

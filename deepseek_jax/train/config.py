@@ -246,6 +246,12 @@ class RunConfig:
             raise ValueError(
                 f"data.global_batch_size={B} must be a multiple of train.grad_accum={A}"
             )
+        ramp = self.data.batch_ramp_start
+        if ramp is not None and (ramp % A or self.data.batch_ramp_increment % A):
+            raise ValueError(
+                f"data.batch_ramp_start={ramp} and batch_ramp_increment="
+                f"{self.data.batch_ramp_increment} must be multiples of train.grad_accum={A}"
+            )
         P, M = self.mesh.stage, self.pipeline.microbatches
         if (P > 1) != (self.pipeline.schedule != "none"):
             raise ValueError(

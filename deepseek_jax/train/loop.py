@@ -173,6 +173,8 @@ def _log_line(step: int, r: dict[str, Any]) -> str:
         parts.append(f"mfu {100 * r['mfu']:.2f}%")
     if "expert_load_max_mean" in r:
         parts.append(f"load max/mean {r['expert_load_max_mean']:.2f}")
+    if r.get("dropped_mean"):
+        parts.append(f"dropped {100 * r['dropped_mean']:.2f}%")
     if r.get("skipped"):
         parts.append(f"skipped {r['skipped']}")
     return " | ".join(parts)
@@ -205,6 +207,12 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
         f"+{counts.mtp / 1e6:.2f}M MTP); mesh {dict(mesh.shape)} over {jax.device_count()} "
         f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)"
     )
+    if cfg.model.is_moe and cfg.model.moe_impl == "capacity":  # V3 itself never drops tokens
+        _say(
+            f"note: model.moe_impl=capacity (capacity_factor={cfg.model.capacity_factor}) drops "
+            "the (token, expert) assignments past each expert's capacity; the fraction is logged "
+            "as `dropped` (metrics.jsonl, log line). model.moe_impl=dropless is exact V3 routing."
+        )
 
     full_batch = tcfg.data_layout == "global"
     data_index, data_count = (0, 1) if full_batch else (jax.process_index(), jax.process_count())

@@ -61,8 +61,13 @@ def lr_schedule(
         if data is None:
             token_fields = ("decay_start_tokens", "decay_end_tokens", "final_lr_tokens")
             given = [f for f in token_fields if getattr(tcfg, f) is not None]
-            if given:
-                raise ValueError(f"TrainConfig.{given[0]} is in tokens: pass the DataConfig")
+            if given:  # the optimizer's state does not need it (init); an update does
+                msg = f"TrainConfig.{given[0]} is in tokens: pass the DataConfig"
+
+                def missing(step):
+                    raise ValueError(msg)
+
+                return missing
             data = DataConfig(global_batch_size=1, seq_len=1)  # one "token" per step
         return v3_lr_schedule(tcfg, data)
 

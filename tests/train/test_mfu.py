@@ -65,3 +65,11 @@ def test_real_token_rate_excludes_padding():
     assert rates["tokens_per_s"] == pytest.approx(3 * 6 / 2)
     assert rates["positions_per_s"] == pytest.approx(3 * 8 / 2)
     assert "positions_per_s" not in token_rates(8.0, 8.0, 1)  # both only where they differ
+
+
+def test_log_line_says_how_many_assignments_are_dropped():
+    from deepseek_jax.train.loop import _log_line
+
+    r = {"loss": 1.0, "main_loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "dropped_mean": 0.0123}
+    assert "dropped 1.23%" in _log_line(10, r)
+    assert "dropped" not in _log_line(10, r | {"dropped_mean": 0.0})  # dropless: nothing to say

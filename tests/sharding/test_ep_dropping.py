@@ -1,0 +1,131 @@
+"""V2's device-level token dropping under expert parallelism (issue 11 item 4; V2 Sec. 2.2.3,
+2.3): a receiving device over its budget drops the lowest raw-affinity assignments across all
+sources; ~10% of sequences are never dropped; padding takes no budget."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepseek_jax.config import load_preset
+from deepseek_jax.gate import Routing
+from deepseek_jax.moe import MoE, routed_dropless
+from deepseek_jax.sharding import expert_parallel as ep
+from deepseek_jax.sharding.logical import use_rules
+from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
+from deepseek_jax.sharding.rules import get_rules
+from deepseek_jax.testing import assert_close
+
+B, T, P, GROUPS = 8, 6, 4, 2  # data=2 x expert=4: one sequence per device, two EP groups
+MESH = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
+
+
+def test_device_keep_by_hand():
+    inf = -jnp.inf
+    prio = jnp.array([[0.9, 0.2, inf], [0.5, 2.1, 0.3]])  # 2 sources x 3 rows; 2.1 protected
+    keep = ep.device_keep(prio, budget=2)
+    np.testing.assert_array_equal(np.asarray(keep), [[1, 0, 0], [0, 1, 0]])
+    keep = ep.device_keep(prio, budget=0)  # no budget at all: the protected row still stays
+    np.testing.assert_array_equal(np.asarray(keep), [[0, 0, 0], [0, 1, 0]])
+    keep = ep.device_keep(prio, budget=10)  # nothing unsent is ever kept
+    np.testing.assert_array_equal(np.asarray(keep), [[1, 1, 0], [1, 1, 1]])
+
+
+def test_protected_sequences_share():
+    np.testing.assert_array_equal(ep.protected_sequences(8, 0.25), [0, 0, 0, 1, 0, 0, 0, 1])
+    assert ep.protected_sequences(100, 0.1).sum() == 10
+    assert not ep.protected_sequences(8, 0.0).any()
+
+
+@pytest.fixture(scope="module")
+def block():
+    cfg = load_preset("v3-tiny").replace(n_shared_experts=0)  # E=8, K=2, fp32
+    moe = MoE(cfg, rngs=nnx.Rngs(1))
+    moe.gate.bias[...] = 0.3 * jax.random.normal(jax.random.key(3), (cfg.n_routed_experts,))
+    x = jax.random.normal(jax.random.key(2), (B, T, cfg.hidden_size))
+    mask = jnp.ones((B, T), bool).at[0, 4:].set(False).at[5, 1:].set(False)  # some padding
+    return cfg, moe, x, mask
+
+
+def _expected_keep(r, cfg, mask, share):
+    """The V2 rule in numpy: per EP group and receiving device, keep the C highest affinities
+    (+ every protected sequence's) among all sources' real assignments."""
+    E_l, K, M_l = cfg.n_routed_experts // P, cfg.num_experts_per_tok, T
+    C = math.ceil(cfg.capacity_factor * M_l * K)
+    experts, scores = np.asarray(r.experts), np.asarray(r.scores)
+    s = np.take_along_axis(scores, experts, 1)  # [M, K] raw affinities
+    seq = np.arange(B * T) // T
+    protect = ep.protected_sequences(B, share)[seq]
+    real = np.asarray(mask).reshape(-1)
+    keep = np.zeros_like(s, bool)
+    for g in range(GROUPS):
+        tokens = np.arange(g * P * M_l, (g + 1) * P * M_l)  # sources = devices of the group
+        for dev in range(P):
+            cand = [(m, k) for m in tokens for k in range(K) if experts[m, k] // E_l == dev]
+            cand = [(m, k) for m, k in cand if real[m]]
+            cand.sort(key=lambda mk: -(s[mk] + 2.0 * protect[mk[0]]))
+            for i, (m, k) in enumerate(cand):
+                keep[m, k] = i < C or protect[m]
+    return keep, real
+
+
+def _run(moe, x, mask):
+    mesh, rules = make_mesh(MESH), get_rules(MESH.rules)
+    with jax.set_mesh(mesh), use_rules(rules):
+        return jax.jit(lambda m, x, k: m(x, k, impl="ep_capacity"))(moe, x, mask)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25])
+def test_device_level_dropping_matches_the_v2_rule(block, share):
+    cfg, moe, x, mask = block
+    moe = nnx.merge(*nnx.split(moe))
+    moe.cfg = small = cfg.replace(capacity_factor=0.5, never_drop_share=share)
+    out, stats = _run(moe, x, mask)
+    xf = x.reshape(-1, cfg.hidden_size)
+    r = moe.gate(xf)
+    keep, real = _expected_keep(r, small, mask, share)
+    n_real = real.sum() * cfg.num_experts_per_tok
+    assert 0 < keep.sum() < n_real  # the case drops something
+    assert float(stats.dropped) == pytest.approx(1 - keep.sum() / n_real)
+    kept = Routing(r.weights * keep, r.experts, r.scores)
+    ws = (moe.w_gate[...], moe.w_up[...], moe.w_down[...])
+    expect = routed_dropless(xf, kept, *ws).reshape(B, T, -1)
+    assert_close(out[np.asarray(mask)], expect[np.asarray(mask)], jnp.float32)
+
+
+def test_no_device_over_budget_drops_nothing(block):
+    # The old rule gave each (source, destination) pair ceil(cf M_l K / P) slots and dropped
+    # assignments here although every device's total load fits its budget cf M_l K.
+    cfg, moe, _, _ = block
+    moe = nnx.merge(*nnx.split(moe))
+    moe.gate.bias[...] = jnp.zeros_like(moe.gate.bias[...])
+    # Each source sends its tokens to one device: sequence b aligns with expert 2 (b mod 4).
+    w = moe.gate.weight[...]  # [D, E]
+    aim = w[:, 2 * (np.arange(B) % P)].T / jnp.linalg.norm(w[:, 0])  # [B, D]
+    noise = jax.random.normal(jax.random.key(5), (B, T, cfg.hidden_size))
+    x = 30.0 * aim[:, None, :] + 0.1 * noise
+    r = moe.gate(x.reshape(-1, cfg.hidden_size))
+    E_l, K = cfg.n_routed_experts // P, cfg.num_experts_per_tok
+    dest = np.asarray(r.experts).reshape(GROUPS, P, T, K) // E_l  # [group, source, token, K]
+    load = np.stack([(dest == d).sum((1, 2, 3)) for d in range(P)], 1)  # [group, device]
+    pair = np.stack([(dest == d).sum((2, 3)) for d in range(P)], 2)  # [group, source, device]
+    cf = load.max() / (T * K)  # budget = exactly the busiest device's load
+    old_slots = math.ceil(cf * T * K / P)
+    assert (pair > old_slots).any()  # the per-pair rule would drop here
+    moe.cfg = cfg.replace(capacity_factor=cf, never_drop_share=0.0)
+    out, stats = _run(moe, x, jnp.ones((B, T), bool))
+    assert float(stats.dropped) == 0.0
+    xf = x.reshape(-1, cfg.hidden_size)
+    ws = (moe.w_gate[...], moe.w_up[...], moe.w_down[...])
+    assert_close(out.reshape(xf.shape), routed_dropless(xf, r, *ws), jnp.float32)
+
+
+def test_capacity_sizes():
+    cfg = load_preset("v3-tiny")  # K=2, E=8
+    sz = ep.capacity_sizes(6, cfg.replace(capacity_factor=0.5), ep_size=4)
+    assert sz == ep.CapacitySizes(budget=6, pair_rows=12, send_rows=6, recv_rows=6)
+    sz = ep.capacity_sizes(6, cfg.replace(capacity_factor=0.5), ep_size=4, protected_tokens=6)
+    assert sz.recv_rows == 4 * 6 * 2 and sz.send_rows == 12  # every protected arrival fits
