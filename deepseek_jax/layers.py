@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax import fp8_weights
 from deepseek_jax.config import ModelConfig
 
 
@@ -62,6 +63,8 @@ def linear(x: jax.Array, w: jax.Array, cfg: ModelConfig, in_dims: int = 1) -> ja
     Returns:
       [..., *w.shape[in_dims:]] in the compute dtype.
     """
+    if isinstance(w, fp8_weights.Fp8Weight):  # an FP8 serving weight (fp8_weights.py)
+        return fp8_weights.linear(x.astype(cfg.compute_dtype), w, in_dims, cfg.compute_dtype)
     lead, k_shape, n_shape = x.shape[:-in_dims], w.shape[:in_dims], w.shape[in_dims:]
     if x.shape[-in_dims:] != k_shape:
         raise ValueError(f"linear: x{x.shape} does not match weight{w.shape} on {in_dims} dims")

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax import fp8_weights
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.gate import Gate, Routing
 from deepseek_jax.kernels.block_grouped_matmul import (
@@ -51,6 +52,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, fp8: bool
     Dispatches to kernels/grouped_matmul.py: the Pallas kernel on GPU, `jax.lax.ragged_dot`
     elsewhere; `fp8` quantises x (1x128) and w (128x128 per expert) as in the V3 recipe.
     """
+    if isinstance(w, fp8_weights.Fp8Weight):  # stored FP8 serving weights
+        return fp8_weights.grouped_matmul(x, w, group_sizes)
     if fp8:
         return grouped_matmul_fp8(x, w, group_sizes, out_dtype=x.dtype)
     return kernel_grouped_matmul(x, w, group_sizes)
@@ -207,7 +210,13 @@ class MoE(nnx.Module):
         # ---- expert parallelism (sharding/expert_parallel.py) -------------------------------
         # impl "ep*", or no impl under sharding rules and a mesh that splits tokens or experts:
         # route and run the routed experts under shard_map (all-to-all dispatch / combine).
+        stored_fp8 = isinstance(self.w_gate[...], fp8_weights.Fp8Weight)
         if impl in expert_parallel.EP_IMPLS or (impl is None and expert_parallel.ep_active()):
+            if stored_fp8:
+                raise ValueError(
+                    "MoE: FP8 serving weights run only with moe_impl='dropless' on one device; "
+                    f"got impl={impl!r} under expert parallelism"
+                )
             ws = [w[...].astype(cfg.compute_dtype) for w in (self.w_gate, self.w_up, self.w_down)]
             exchange = expert_parallel.exchange_for_impl(impl or "ep", cfg)
             routed, r, dropped = expert_parallel.expert_parallel_routed(
@@ -221,7 +230,12 @@ class MoE(nnx.Module):
         r = self.gate(xf)
         dt = cfg.compute_dtype
         xc = xf.astype(dt)
-        ws = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        ws = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        if stored_fp8:  # the grouped FP8 GEMM consumes the stored blocks (fp8_weights.py)
+            if impl != "dropless":
+                raise ValueError(f"MoE: FP8 serving weights need moe_impl='dropless', got {impl!r}")
+        else:
+            ws = tuple(w.astype(dt) for w in ws)
         dropped = jnp.zeros((), jnp.float32)
         if impl == "dropless":
             routed = routed_dropless(xc, r, *ws, fp8=cfg.fp8)

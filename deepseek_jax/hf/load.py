@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.hf import fp8_params
 from deepseek_jax.hf import safetensors_io as st
 from deepseek_jax.hf.mapping import (
     DEFAULT_PARAM_RULES,
@@ -288,15 +289,20 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
     return out
 
 
-def _merge(graphdef, state, values: dict[tuple[str, ...], Any]):
+def _merge(graphdef, state, values: dict[tuple[str, ...], Any], fp8=None):
+    """The model from `values` by path; `fp8` paths become Fp8Params (FP8 serving weights)."""
+    fp8 = fp8 or {}
     paths = {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
-    if paths != set(values):
+    given = set(values) | set(fp8)
+    if paths != given:
         raise RuntimeError(
-            f"parameter maps do not cover the model: missing {sorted(paths - set(values))[:3]}, "
-            f"extra {sorted(set(values) - paths)[:3]}"
+            f"parameter maps do not cover the model: missing {sorted(paths - given)[:3]}, "
+            f"extra {sorted(given - paths)[:3]}"
         )
     nnx.replace_by_pure_dict(state, _nest(values))
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    fp8_params.install(model, fp8)
+    return model
 
 
 def load_hf(
@@ -306,16 +312,27 @@ def load_hf(
     param_dtype=None,
     mesh: Mesh | None = None,
     rules: Mapping[str, Any] | None = None,
+    weights: str = "dense",
 ):
     """Loads a hub checkpoint folder into a DeepSeekModel (see `load_pretrained`)."""
+    fp8_params.check_mode(weights)
     src = open_hf(directory)
     cfg = _with_dtypes(src.cfg, dtype, param_dtype)
+    block = None
+    if weights != "dense":
+        block = fp8_params.serving_block(src.directory, src.fp8, weights)
+        if mesh is not None:
+            raise ValueError(f"load_pretrained: {weights=} is not supported with a mesh yet")
     check_mtp_copies(src)
     graphdef, state = abstract_state(cfg)
     variables = {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
     sharding = _sharding_fn(mesh, rules)
-    values = {}
+    values, fp8 = {}, {}
     for pm in src.maps:
+        if block is not None and pm.quantizable:
+            quantize = weights == "quantize_fp8"
+            fp8[pm.path] = fp8_params.read_fp8_param(src, pm, block, quantize=quantize)
+            continue
         arr = src.read_param(pm, cfg.weight_dtype)
         var = variables.get(pm.path)
         if var is None:
@@ -323,7 +340,7 @@ def load_hf(
         target = sharding(pm.name, var)
         values[pm.path] = jax.make_array_from_callback(arr.shape, target, lambda i, a=arr: a[i])
         del arr
-    return _merge(graphdef, state, values)
+    return _merge(graphdef, state, values, fp8)
 
 
 def read_orbax_config(directory: str) -> ModelConfig:
@@ -459,6 +476,7 @@ def load_pretrained(
     mesh: Mesh | None = None,
     rules: Mapping[str, Any] | None = None,
     config: ModelConfig | None = None,
+    weights: str = "dense",
 ):
     """Loads a DeepSeek-V2/V2-Lite/V3/R1, DeepSeek LLM or DeepSeekMath model.
 
@@ -472,14 +490,23 @@ def load_pretrained(
       mesh: shard the weights over this mesh (default: all on the first device).
       rules: logical axis -> mesh axes for the weights (default DEFAULT_PARAM_RULES).
       config: the ModelConfig of an Orbax checkpoint that lacks our deepseek_jax.json.
+      weights: "dense" (default), "fp8" (serve a hub FP8 checkpoint's linear weights as stored,
+        E4M3 + block scales, through the FP8 kernels) or "quantize_fp8" (also quantize BF16/FP32
+        linear weights on load); see deepseek_jax/hf/fp8_params.py.
     Returns:
       A `DeepSeekModel` holding the checkpoint's weights.
     """
     path = os.fspath(path)
+    fp8_params.check_mode(weights)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     if is_orbax_checkpoint(path):
+        if weights != "dense":
+            raise ValueError(
+                f"load_pretrained: {weights=} needs a hub checkpoint folder; {path} is an Orbax "
+                "checkpoint (its weights are dense)"
+            )
         return load_orbax(
             path, dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, config=config
         )
-    return load_hf(path, dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+    return load_hf(path, dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, weights=weights)
