@@ -48,10 +48,11 @@ class Block(nnx.Module):
         y, stats = self._ffn(h, token_mask, moe_impl)
         return constrain(h + y.astype(h.dtype), ACT_BTD), stats
 
-    def decode(self, h, positions, cache: LatentCache, index):
-        a, cache = self.attn.decode(self.attn_norm(h), positions, cache, index)
+    def decode(self, h, positions, cache: LatentCache, moe_impl: str = "dropless"):
+        """h [B, T, D] at positions [B, T] -> (h, cache); MoE routing is exact (dropless)."""
+        a, cache = self.attn.decode(self.attn_norm(h), positions, cache)
         h = h + a.astype(h.dtype)
-        y, _ = self._ffn(h, None, None)
+        y, _ = self._ffn(h, None, moe_impl)
         return h + y.astype(h.dtype), cache
 
 
@@ -266,20 +267,26 @@ class DeepSeekModel(nnx.Module):
                 caches.append(jax.tree.map(lambda a, n=n: jnp.broadcast_to(a, (n,) + a.shape), c))
         return caches
 
-    def decode(self, input_ids: jax.Array, caches: list[LatentCache], index: jax.Array):
-        """Runs T new tokens at positions [index, index + T) through the absorbed-MLA path.
+    def decode(
+        self,
+        input_ids: jax.Array,
+        caches: list[LatentCache],
+        positions: jax.Array,
+        moe_impl: str = "dropless",
+    ):
+        """Runs T new tokens per row at `positions` through the absorbed-MLA path.
 
         Args:
-          input_ids: [B, T]; caches: from `init_cache`; index: [] int32 first free slot.
+          input_ids: [B, T]; caches: from `init_cache`; positions: [B, T] int32 per-row positions
+            (== cache slots; each row's own, so rows of a ragged batch advance independently).
+          moe_impl: routed-expert path; "dropless" (the default) routes exactly.
         Returns:
           (logits [B, T, V] fp32, updated caches).
         """
-        B, T = input_ids.shape
-        positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
         h = self._embed(input_ids)
 
         def layer_fn(layer, h, cache):
-            return layer.decode(h, positions, LatentCache(*cache), index)
+            return layer.decode(h, positions, LatentCache(*cache), moe_impl)
 
         new = []
         stacks = [s for s in (self.dense_layers, self.moe_layers) if s is not None]

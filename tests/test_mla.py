@@ -31,10 +31,10 @@ def test_absorbed_prefill_and_decode_equal_naive(mla):
     x, pos = _inputs(cfg)
     full = attn(x, pos)
     cache = init_cache(cfg, 2, 16)
-    out, cache = attn.decode(x[:, :6], pos[:, :6], cache, jnp.int32(0))  # prefill 6 tokens
+    out, cache = attn.decode(x[:, :6], pos[:, :6], cache)  # prefill 6 tokens
     assert_close(out, full[:, :6], **MODEL_FP32)
     for t in range(6, 10):  # then one token at a time
-        out, cache = attn.decode(x[:, t : t + 1], pos[:, t : t + 1], cache, jnp.int32(t))
+        out, cache = attn.decode(x[:, t : t + 1], pos[:, t : t + 1], cache)
         assert_close(out[:, 0], full[:, t], **MODEL_FP32)
     # The cache holds only the latent and the shared rope key: C + R values per token.
     assert cache.c_kv.shape[-1] + cache.k_rope.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim

@@ -68,10 +68,11 @@ def test_latent_cache_decode_equals_forward(tiny_cfg, tiny_model):
     ids = _ids(tiny_cfg, T=10)
     full = tiny_model(ids).logits
     caches = tiny_model.init_cache(2, 12)
-    logits, caches = tiny_model.decode(ids[:, :5], caches, jnp.int32(0))
+    pos = jnp.broadcast_to(jnp.arange(10, dtype=jnp.int32), (2, 10))
+    logits, caches = tiny_model.decode(ids[:, :5], caches, pos[:, :5])
     assert_close(logits, full[:, :5], **MODEL_FP32)
     for t in range(5, 10):
-        logits, caches = tiny_model.decode(ids[:, t : t + 1], caches, jnp.int32(t))
+        logits, caches = tiny_model.decode(ids[:, t : t + 1], caches, pos[:, t : t + 1])
         assert_close(logits[:, 0], full[:, t], **MODEL_FP32)
 
 
