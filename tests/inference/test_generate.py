@@ -99,7 +99,7 @@ def test_row_alone_equals_row_in_batch_and_buckets_are_reused():
     model = _model("v3")
     batch = generate(model, PROMPTS, max_new_tokens=8, max_len=MAX_LEN)
     # Same buckets (batch 4, prompt 16, cache 32): different lengths and values compile nothing.
-    again = generate(model, [PROMPTS[1], [3] * 16], max_new_tokens=5, max_len=MAX_LEN)
+    again = generate(model, [PROMPTS[1], [3] * 16, [7]], max_new_tokens=5, max_len=MAX_LEN)
     assert again.stats["compilations"] == 0
     assert again.tokens[0] == batch.tokens[1][:5]
     alone = generate(model, [PROMPTS[2]], max_new_tokens=8, max_len=MAX_LEN)  # batch bucket 1

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from deepseek_jax.mla import init_cache, quantize_per_token, read_cache, write_cache
+from deepseek_jax.mla import MLA, init_cache, quantize_per_token, read_cache, write_cache
 from deepseek_jax.testing import MODEL_FP32, assert_close
 
 
@@ -43,13 +44,17 @@ def test_scatter_writes_per_row_positions_and_drops_out_of_range(tiny_cfg):
     assert float(jnp.abs(c[1, 5]).sum()) == 0
 
 
-@pytest.mark.parametrize("dtype", [jnp.int8, jnp.float8_e4m3fn])
-def test_8bit_cache_decode_stays_close_to_the_full_precision_cache(tiny_cfg, tiny_model, dtype):
-    ids = jax.random.randint(jax.random.key(2), (2, 10), 0, tiny_cfg.vocab_size)
+def test_8bit_caches_perturb_attention_by_their_precision(tiny_cfg):
+    # One MLA layer (the whole model would add discrete MoE routing flips on top).
+    attn = MLA(tiny_cfg, rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(4), (2, 10, tiny_cfg.hidden_size))
     pos = jnp.broadcast_to(jnp.arange(10, dtype=jnp.int32), (2, 10))
-    ref, _ = tiny_model.decode(ids, tiny_model.init_cache(2, 12), pos)
-    out, caches = tiny_model.decode(ids, tiny_model.init_cache(2, 12, dtype), pos)
-    assert caches[0].c_kv.dtype == dtype and caches[0].c_scale.shape == (1, 2, 12)
-    err = float(jnp.abs(out - ref).max())
-    spread = float(ref.std())
-    assert 0 < err < 0.05 * spread, (err, spread)
+    ref, _ = attn.decode(x, pos, init_cache(tiny_cfg, 2, 12))
+    errs = {}
+    for dtype in (jnp.int8, jnp.float8_e4m3fn):
+        out, cache = attn.decode(x, pos, init_cache(tiny_cfg, 2, 12, dtype))
+        assert cache.c_kv.dtype == dtype and cache.c_scale.shape == (2, 12)
+        errs[dtype] = float(jnp.abs(out - ref).max()) / float(ref.std())
+    # int8 keeps ~8 bits per value, E4M3 3 mantissa bits: both small, int8 the closer.
+    assert 0 < errs[jnp.int8] < errs[jnp.float8_e4m3fn] < 0.25, errs
+    assert errs[jnp.int8] < 0.05, errs
