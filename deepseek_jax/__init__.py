@@ -1,15 +1,19 @@
 """deepseek-jax: DeepSeek-V2/V3 (MLA, DeepSeekMoE, MTP, FP8) and its training system in JAX."""
 
 from deepseek_jax.config import ModelConfig, RopeScaling, load_preset
+from deepseek_jax.inference.engine import GenerationResult, generate, generate_stream
 from deepseek_jax.model import DeepSeekModel, ModelOutput
 from deepseek_jax.params import count_params
 
 __all__ = [
     "DeepSeekModel",
+    "GenerationResult",
     "ModelConfig",
     "ModelOutput",
     "RopeScaling",
     "count_params",
+    "generate",
+    "generate_stream",
     "load_preset",
     "load_pretrained",
 ]

@@ -38,17 +38,72 @@ _LATENT_EPS = 1e-6
 
 
 class LatentCache(NamedTuple):
-    """Per-layer latent KV cache: only C + R values per token."""
+    """Per-layer latent KV cache: only C + R values per token; slot index == position.
+
+    With an 8-bit cache (`init_cache(..., dtype=jnp.int8 | jnp.float8_e4m3fn)`) `c_kv` and
+    `k_rope` hold quantised values and `c_scale` / `r_scale` one fp32 scale per token
+    (value = stored * scale); for a full-precision cache the scales are None.
+    """
 
     c_kv: jax.Array  # [B, S, C] normalised KV latent
     k_rope: jax.Array  # [B, S, R] rotated shared rope key
+    c_scale: jax.Array | None = None  # [B, S] per-token scale of c_kv (8-bit caches)
+    r_scale: jax.Array | None = None  # [B, S] per-token scale of k_rope (8-bit caches)
+
+
+QUANTIZED_CACHE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+
+
+def _qmax(dtype) -> float:
+    return 127.0 if jnp.dtype(dtype) == jnp.int8 else float(jnp.finfo(dtype).max)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> LatentCache:
+    """An empty cache of `max_len` slots; an int8 / float8_e4m3fn `dtype` quantises per token."""
+    c = jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype)
+    r = jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype)
+    if jnp.dtype(dtype) in QUANTIZED_CACHE_DTYPES:
+        ones = jnp.ones((batch, max_len), jnp.float32)
+        return LatentCache(c, r, ones, ones)
+    return LatentCache(c, r)
+
+
+def quantize_per_token(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, K] -> (8-bit values [B, T, K], fp32 scales [B, T]) with scale = amax / qmax."""
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=-1)  # [B, T]
+    scale = jnp.where(amax > 0, amax / _qmax(dtype), 1.0)
+    q = xf / scale[..., None]
+    if jnp.dtype(dtype) == jnp.int8:
+        q = jnp.round(q)
+    return q.astype(dtype), scale
+
+
+def write_cache(
+    cache: LatentCache, c_new: jax.Array, k_new: jax.Array, positions: jax.Array
+) -> LatentCache:
+    """Scatters T new entries per row at slots `positions` [B, T]; slots outside [0, S) are
+    dropped."""
+
+    def put(buf, new):
+        return write_slots(buf, new, positions)
+
+    if cache.c_scale is None:
+        return LatentCache(put(cache.c_kv, c_new), put(cache.k_rope, k_new))
+    cq, cs = quantize_per_token(c_new, cache.c_kv.dtype)
+    rq, rs = quantize_per_token(k_new, cache.k_rope.dtype)
     return LatentCache(
-        jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
-        jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype),
+        put(cache.c_kv, cq), put(cache.k_rope, rq), put(cache.c_scale, cs), put(cache.r_scale, rs)
     )
+
+
+def read_cache(cache: LatentCache, dtype) -> tuple[jax.Array, jax.Array]:
+    """(c_kv [B, S, C], k_rope [B, S, R]) in `dtype`, dequantised for an 8-bit cache."""
+    if cache.c_scale is None:
+        return cache.c_kv.astype(dtype), cache.k_rope.astype(dtype)
+    c = cache.c_kv.astype(jnp.float32) * cache.c_scale[..., None]
+    r = cache.k_rope.astype(jnp.float32) * cache.r_scale[..., None]
+    return c.astype(dtype), r.astype(dtype)
 
 
 def attention_mask(segment_ids: jax.Array | None, T: int) -> jax.Array:
@@ -143,35 +198,32 @@ class MLA(nnx.Module):
     def decode(
         self, x: jax.Array, positions: jax.Array, cache: LatentCache
     ) -> tuple[jax.Array, LatentCache]:
-        """Writes T new tokens at slots `positions` of their rows, then attends over the latents.
+        """Attends T new tokens per row over the latent cache (slot index == position).
 
-        Slot index == position; the query at position p sees slots s <= p of its own row.
+        Row b writes its new latents at slots `positions[b]` (a scatter; positions >= S are
+        dropped) and the query at position p attends the slots s <= p of its own row. Rows of a
+        ragged batch are right-padded: a padded token may write garbage beyond the row's length,
+        which the row's next real token overwrites before any query can attend it.
 
         Args:
           x: [B, T, D] new tokens (T = prompt length for prefill, 1 per decode step);
-          positions: [B, T] int32 their positions (= cache slots); cache: LatentCache, S slots.
+          positions: [B, T] int32 their positions; cache: LatentCache with S slots.
         Returns:
           ([B, T, D], updated cache).
         """
         cfg = self.cfg
+        S = cache.c_kv.shape[1]
         cos, sin = rope_tables(cfg, positions)
         q_nope, q_rope = self._queries(x, cos, sin)
         c_new, k_new = self._latents(x, cos, sin)
-        cache = LatentCache(
-            write_slots(cache.c_kv, c_new, positions), write_slots(cache.k_rope, k_new, positions)
-        )
+        cache = write_cache(cache, c_new, k_new, positions)  # write, then attend
         wkv_b = self.wkv_b[...].astype(cfg.compute_dtype)
         w_uk, w_uv = jnp.split(wkv_b, [cfg.qk_nope_head_dim], axis=-1)  # [C, N, nope], [C, N, v]
         q_lat = jnp.einsum("btnh,cnh->btnc", q_nope, w_uk)  # W^UK absorbed into q  [B, T, N, C]
-        c_kv = cache.c_kv.astype(q_lat.dtype)
+        c_kv, k_rope = read_cache(cache, q_lat.dtype)  # [B, S, C], [B, S, R]
         scores = jnp.einsum("btnc,bsc->bnts", q_lat, c_kv, preferred_element_type=jnp.float32)
-        scores += jnp.einsum(
-            "btnr,bsr->bnts",
-            q_rope,
-            cache.k_rope.astype(q_rope.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        mask = slot_mask(positions, cache.c_kv.shape[1])  # [B, T, S]
+        scores += jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=jnp.float32)
+        mask = slot_mask(positions, S)  # [B, T, S] causal per row
         probs = self._softmax(scores, mask[:, None])  # [B, N, T, S]
         out_lat = jnp.einsum("bnts,bsc->btnc", probs.astype(c_kv.dtype), c_kv)  # [B, T, N, C]
         out = jnp.einsum("btnc,cnv->btnv", out_lat, w_uv)  # W^UV after attention  [B, T, N, v]

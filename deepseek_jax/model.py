@@ -54,11 +54,11 @@ class Block(nnx.Module):
         y, stats = self._ffn(h, token_mask, moe_impl)
         return constrain(h + y.astype(h.dtype), ACT_BTD), stats
 
-    def decode(self, h, positions, cache: LatentCache | KVCache):
-        """h [B, T, D] at positions [B, T] (= cache slots) -> (h, updated cache)."""
+    def decode(self, h, positions, cache: LatentCache | KVCache, moe_impl: str = "dropless"):
+        """h [B, T, D] at positions [B, T] (= cache slots) -> (h, cache); MoE routing is exact."""
         a, cache = self.attn.decode(self.attn_norm(h), positions, cache)
         h = h + a.astype(h.dtype)
-        y, _ = self._ffn(h, None, None)
+        y, _ = self._ffn(h, None, moe_impl)
         return h + y.astype(h.dtype), cache
 
 
@@ -297,15 +297,21 @@ class DeepSeekModel(nnx.Module):
         return caches
 
     def decode(
-        self, input_ids: jax.Array, caches: list[LatentCache | KVCache], positions: jax.Array
+        self,
+        input_ids: jax.Array,
+        caches: list[LatentCache | KVCache],
+        positions: jax.Array,
+        moe_impl: str = "dropless",
     ):
         """Runs T new tokens of each row at `positions` through the cached attention path.
 
         Slot index == position (see decode_cache.py): row b's tokens are written at slots
-        positions[b, :] and each attends the slots up to its own position.
+        positions[b, :] and each attends the slots up to its own position, so rows of a ragged
+        batch advance independently.
 
         Args:
           input_ids: [B, T]; caches: from `init_cache`; positions: [B, T] int32.
+          moe_impl: routed-expert path; "dropless" (the default) routes exactly.
         Returns:
           (logits [B, T, V] fp32, updated caches).
         """
@@ -318,7 +324,7 @@ class DeepSeekModel(nnx.Module):
         h = self._embed(input_ids)
 
         def layer_fn(layer, h, cache):
-            return layer.decode(h, positions, kind(*cache))
+            return layer.decode(h, positions, kind(*cache), moe_impl)
 
         new = []
         stacks = [s for s in (self.dense_layers, self.moe_layers) if s is not None]
