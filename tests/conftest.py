@@ -4,6 +4,15 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A persistent compilation cache for the run, shared by the xdist workers (they inherit the
+# environment of the controller, which imports this file first): tests that jit the same
+# computation (the v3-tiny model, its train step) compile it once. A fresh directory per run, so
+# nothing stale is ever read; point JAX_COMPILATION_CACHE_DIR elsewhere to keep it across runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="deepseek-jax-xla-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
