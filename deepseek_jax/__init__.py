@@ -22,7 +22,8 @@ __all__ = [
 def load_pretrained(path, dtype=None, **kwargs):
     """Loads an HF checkpoint folder (BF16/FP32 or FP8) or an Orbax checkpoint of this project.
 
-    See `deepseek_jax.hf.load_pretrained` for the keyword arguments (mesh, rules, param_dtype).
+    See `deepseek_jax.hf.load_pretrained` for the keyword arguments (mesh, rules, param_dtype,
+    weights="fp8" to serve an FP8 hub checkpoint with its weights kept in FP8).
     """
     from deepseek_jax.hf import load_pretrained as _load
 
