@@ -14,6 +14,7 @@ Balance losses are computed from `MoEStats` (per-layer, per-sequence counts and 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,8 @@ class LossConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
+            if not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"LossConfig.{f.name}={getattr(self, f.name)} must be finite")
             if getattr(self, f.name) < 0:
                 raise ValueError(f"LossConfig.{f.name}={getattr(self, f.name)} must be >= 0")
 

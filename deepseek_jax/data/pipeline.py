@@ -32,7 +32,7 @@ import grain
 import numpy as np
 
 from deepseek_jax.data.packing import ChunkDocument, pack, pad_batch
-from deepseek_jax.data.sources import FORMATS, open_source
+from deepseek_jax.data.sources import FORMATS, check_not_empty, open_source
 from deepseek_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -65,6 +65,8 @@ class DataConfig:
       prefetch_batches: batches prepared ahead in a background thread (0 = none; the shipped
         corpus needs none, ~5 ms per batch). With a thread, call the iterator's `close()` when
         done so it does not outlive the interpreter's modules.
+      max_bad_records: unreadable records (invalid JSON or UTF-8, no text field) skipped with a
+        warning that counts them; one more raises. 0 = the first bad record raises.
     """
 
     paths: tuple[str, ...] = (str(SHIPPED_TRAIN),)
@@ -80,6 +82,7 @@ class DataConfig:
     packing_bins: int = 32
     read_threads: int = 1
     prefetch_batches: int = 0
+    max_bad_records: int = 0
 
     def __post_init__(self):
         paths = self.paths
@@ -110,6 +113,7 @@ class DataConfig:
             ("packing_bins", 1),
             ("read_threads", 0),
             ("prefetch_batches", 0),
+            ("max_bad_records", 0),
         ]:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -182,13 +186,16 @@ def make_dataset(
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
 
-    source = open_source(cfg.paths, cfg.format, cfg.text_field)
+    source = open_source(cfg.paths, cfg.format, cfg.text_field, cfg.max_bad_records)
     docs = grain.MapDataset.source(source)[process_index::process_count]
     if len(docs) == 0:
         raise ValueError(
             f"host {process_index} of {process_count} gets no document: {cfg.paths} holds "
             f"{len(source)} documents"
         )
+    check_not_empty(
+        docs, tokenizer.encode, f"DataConfig.paths={list(cfg.paths)} (host {process_index})"
+    )
     if cfg.shuffle:
         docs = docs.shuffle(seed=_stage_seed(seed, process_index, 0))
     docs = docs.repeat(cfg.num_epochs)

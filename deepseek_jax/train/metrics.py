@@ -8,6 +8,7 @@ assignments dropped; 0 for the dropless path), plus their means over layers. `to
 counts all B x T positions of the global batch (padding included) over the steps since the last
 log line, excluding the first step of an invocation (compilation). A resumed run appends
 to the same file, so a step may appear more than once; the last occurrence is the one that counts.
+Non-finite values (the loss of a skipped step) are written as null, keeping every line JSON.
 
 Only process 0 writes; the other processes' loggers are inert.
 """
@@ -40,6 +41,17 @@ def to_python(metrics: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(key), list) and out[key]:
             out[f"{key}_mean"] = float(np.mean(out[key]))
     return out
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN and +-inf (a skipped step's loss) as null: bare NaN is not JSON."""
+
+    def one(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return [one(x) for x in v] if isinstance(v, list) else v
+
+    return {k: one(v) for k, v in record.items()}
 
 
 class MetricsLogger:
@@ -97,7 +109,7 @@ class MetricsLogger:
         self.history.append(record)
         if not self.enabled:
             return record
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
