@@ -31,7 +31,7 @@ TINY = [
     "model.remat=none",
     "data.tokenizer=null",
     "data.seq_len=32",
-    "data.global_batch_size=4",
+    "data.global_batch_size=8",
     "train.progress=false",
     "train.tensorboard=false",
     "train.log_every=1",
@@ -147,10 +147,13 @@ def test_non_finite_update_is_skipped_and_state_kept():
     graphdef, state = init_train_state(cfg.model, cfg.train, seed=0)
     # A damaged second moment (negative, as after a flipped sign bit): loss and gradient are
     # finite, but Adam's update sqrt(nu) is NaN. The guard must look at what the update makes.
-    adam = next(s for s in state.opt_state if hasattr(s, "nu"))
-    nu = jax.tree.map(lambda x: x - 1.0, adam.nu)
-    opt_state = tuple(s._replace(nu=nu) if s is adam else s for s in state.opt_state)
-    state = state._replace(opt_state=type(state.opt_state)(opt_state))
+    def damage(s):
+        if isinstance(s, optax.ScaleByAdamState):
+            return s._replace(nu=jax.tree.map(lambda x: x - 1.0, s.nu))
+        return s
+
+    adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    state = state._replace(opt_state=jax.tree.map(damage, state.opt_state, is_leaf=adam))
     step = make_train_step(cfg.model, cfg.loss, cfg.train, graphdef, donate=False)
     batch = next(iter(make_dataset(cfg.data, process_index=0, process_count=1)))
     new, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -306,12 +309,12 @@ def test_resume_refuses_breaking_changes_and_logs_safe_ones(tmp_path, capsys):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), old.checkpoint, {"config": old.to_dict()})
     ckpt.save(2, _state(1.0), {}, wait=True)
     ckpt.close()
-    changed = ["data.global_batch_size=8", "model.num_experts_per_tok=3", "data.seq_len=64"]
+    changed = ["data.global_batch_size=16", "model.num_experts_per_tok=3", "data.seq_len=64"]
     new = load_run_config(None, [*base, "train.steps=9", *changed])
     with pytest.raises(ConfigChangeError) as e:
         run(new)
     text = str(e.value)
-    for line in ("data.global_batch_size: 4 -> 8", "data.seq_len: 32 -> 64"):
+    for line in ("data.global_batch_size: 8 -> 16", "data.seq_len: 32 -> 64"):
         assert line in text
     assert "model.num_experts_per_tok: 2 -> 3" in text and "train.steps" not in text
     assert main([*base, "train.steps=9", *changed]) == 1
