@@ -47,6 +47,10 @@ class RopeScaling:
     rope_type: Literal["yarn"] = "yarn"
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # NaN/inf pass every `x < bound` check below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"RopeScaling.{f.name}={value!r} is invalid: must be finite")
         if self.rope_type != "yarn":
             raise ValueError(
                 f"RopeScaling.rope_type={self.rope_type!r} is unsupported: only 'yarn'"
@@ -121,6 +125,10 @@ class ModelConfig:
     fp8: bool = False  # run linear layers / routed experts in FP8 (kernels issue)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # NaN/inf pass every `x <= 0` check below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(f.name, value, "must be finite")
         positive = (
             "vocab_size hidden_size intermediate_size moe_intermediate_size num_hidden_layers "
             "num_attention_heads kv_lora_rank qk_nope_head_dim qk_rope_head_dim v_head_dim "

@@ -84,7 +84,10 @@ def atomic_output(dst: str, overwrite: bool = False):
         raise FileExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    prefix = f".{os.path.basename(dst)}.tmp-"
+    _remove_stale_temps(parent, prefix)
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is an ordinary folder
     try:
         yield tmp
     except BaseException:
@@ -97,6 +100,37 @@ def atomic_output(dst: str, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dst)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temps(parent: str, prefix: str) -> None:
+    """Deletes temporary folders (`<prefix><pid>-*`) that a killed conversion left behind.
+
+    A folder whose pid is still running on this host belongs to a live conversion and stays.
+    """
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        print(f"removing {os.path.join(parent, name)}, left by an interrupted run", file=sys.stderr)
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _InFlight:
@@ -423,7 +457,13 @@ def _export_block(task):
     """Reads one block of a hub tensor from its slot of the Orbax array -> (name, data, FP8
     scale rows or None, is last block)."""
     store, name, pm, index, out, fmt, r, last = task
-    hub = pm.to_hub(store[_region(index, pm.row_axis, r)].read().result())
+    region = _region(index, pm.row_axis, r)
+    try:
+        hub = pm.to_hub(store[region].read().result())
+    except ValueError as e:  # tensorstore: NOT_FOUND chunk {i, j} stored at ... is missing
+        raise st.CheckpointError(
+            f"cannot read {name!r} from Orbax array {pm.name!r} (region {region}): {e}"
+        ) from None
     if fmt is None:
         return name, hub.astype(out, copy=False), None, last
     q, s = st.quantize(hub.astype(np.float32), fmt.block)

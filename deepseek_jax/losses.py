@@ -18,6 +18,7 @@ Device and communication losses follow seq_aux the same way. Sequences with no c
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,8 @@ class LossConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
+            if not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"LossConfig.{f.name}={getattr(self, f.name)} must be finite")
             if getattr(self, f.name) < 0:
                 raise ValueError(f"LossConfig.{f.name}={getattr(self, f.name)} must be >= 0")
 

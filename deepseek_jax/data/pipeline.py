@@ -33,7 +33,7 @@ import numpy as np
 
 from deepseek_jax.data.packing import ChunkDocument, pack, pad_batch, without_document_masks
 from deepseek_jax.data.ramp import RampBatch, batch_plan
-from deepseek_jax.data.sources import FORMATS, open_source
+from deepseek_jax.data.sources import FORMATS, check_not_empty, open_source
 from deepseek_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -74,6 +74,8 @@ class DataConfig:
         3072 -> 15360 sequences over the first 469B tokens): the global batch grows from
         batch_ramp_start to global_batch_size in steps of batch_ramp_increment (default: the
         start size) as the tokens seen reach the ramp (train/schedule.py). null = no ramp.
+      max_bad_records: unreadable records (invalid JSON or UTF-8, no text field) skipped with a
+        warning that counts them; one more raises. 0 = the first bad record raises.
     """
 
     paths: tuple[str, ...] = (str(SHIPPED_TRAIN),)
@@ -93,6 +95,7 @@ class DataConfig:
     batch_ramp_start: int | None = None
     batch_ramp_tokens: float | None = None
     batch_ramp_increment: int | None = None
+    max_bad_records: int = 0
 
     def __post_init__(self):
         paths = self.paths
@@ -123,6 +126,7 @@ class DataConfig:
             ("packing_bins", 1),
             ("read_threads", 0),
             ("prefetch_batches", 0),
+            ("max_bad_records", 0),
         ]:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -210,13 +214,16 @@ def make_dataset(
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
 
-    source = open_source(cfg.paths, cfg.format, cfg.text_field)
+    source = open_source(cfg.paths, cfg.format, cfg.text_field, cfg.max_bad_records)
     docs = grain.MapDataset.source(source)[process_index::process_count]
     if len(docs) == 0:
         raise ValueError(
             f"host {process_index} of {process_count} gets no document: {cfg.paths} holds "
             f"{len(source)} documents"
         )
+    check_not_empty(
+        docs, tokenizer.encode, f"DataConfig.paths={list(cfg.paths)} (host {process_index})"
+    )
     if cfg.shuffle:
         docs = docs.shuffle(seed=_stage_seed(seed, process_index, 0))
     docs = docs.repeat(cfg.num_epochs)

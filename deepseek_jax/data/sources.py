@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grain
@@ -105,20 +107,72 @@ def text_of_record(record: str | bytes, text_field: str, where: str) -> str:
     return text
 
 
+class BadRecords:
+    """Skips unreadable records (invalid JSON or UTF-8, a missing text field), up to a limit.
+
+    A skipped record reads as an empty document, which the pipeline drops; each one is reported
+    once, with its place and the running count of distinct bad records (a later epoch reading it
+    again neither counts nor reports it again). Thread-safe (grain reads with several threads).
+
+    Args:
+      limit: records that may be skipped (`DataConfig.max_bad_records`); 0 = none, the first
+        bad record raises.
+    """
+
+    def __init__(self, limit: int = 0):
+        self.limit = limit
+        self._seen: set[int] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        """Distinct records skipped so far."""
+        return len(self._seen)
+
+    def skip(self, index: int, error: ValueError) -> str:
+        """Counts record `index` (its read raised `error`) as skipped and returns "", or raises
+        past the limit."""
+        with self._lock:
+            if index in self._seen:
+                return ""
+            if self.count >= self.limit:
+                if self.limit == 0:
+                    raise error
+                raise ValueError(
+                    f"{error} — more than DataConfig.max_bad_records={self.limit} bad records"
+                ) from error
+            self._seen.add(index)
+            n = self.count
+        warnings.warn(
+            f"skipped bad record {n} (DataConfig.max_bad_records={self.limit}): {error}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return ""
+
+
 class TextFileSource:
     """One document per UTF-8 text file.
 
     Args:
       files: the files, in document order.
+      bad: skips unreadable files (not UTF-8) up to its limit; None = raise.
     """
 
-    def __init__(self, files: Sequence[str | Path]):
+    def __init__(self, files: Sequence[str | Path], bad: BadRecords | None = None):
         self._files = [str(f) for f in files]
+        self.bad = bad or BadRecords()
 
     def __len__(self) -> int:
         return len(self._files)
 
     def __getitem__(self, index: int) -> str:
+        try:
+            return self._read(index)
+        except ValueError as e:
+            return self.bad.skip(index, e)
+
+    def _read(self, index: int) -> str:
         path = self._files[index]
         try:
             return Path(path).read_text(encoding="utf-8")
@@ -139,14 +193,16 @@ class JsonlSource:
     Args:
       files: the files, in document order.
       text_field: key of the document text in each object.
+      bad: skips bad records up to its limit; None = raise on the first.
 
     Raises:
       ValueError: a file has no records, or its first record lacks `text_field`.
     """
 
-    def __init__(self, files: Sequence[str | Path], text_field: str):
+    def __init__(self, files: Sequence[str | Path], text_field: str, bad: BadRecords | None = None):
         self._files = [str(f) for f in files]
         self._text_field = text_field
+        self.bad = bad or BadRecords()
         file_ids, offsets, lengths, line_numbers, firsts = [], [], [], [], []
         for file_id, path in enumerate(self._files):
             offset, count = 0, 0
@@ -173,6 +229,12 @@ class JsonlSource:
         return len(self._offsets)
 
     def __getitem__(self, index: int) -> str:
+        try:
+            return self._read(index)
+        except ValueError as e:
+            return self.bad.skip(index, e)
+
+    def _read(self, index: int) -> str:
         path = self._files[self._file_ids[index]]
         with open(path, "rb") as f:
             f.seek(int(self._offsets[index]))
@@ -190,11 +252,13 @@ class ArrayRecordSource:
     Args:
       files: the ArrayRecord files, in document order.
       text_field: key of the document text in each object.
+      bad: skips bad records up to its limit; None = raise on the first.
     """
 
-    def __init__(self, files: Sequence[str | Path], text_field: str):
+    def __init__(self, files: Sequence[str | Path], text_field: str, bad: BadRecords | None = None):
         self._files = [str(f) for f in files]
         self._text_field = text_field
+        self.bad = bad or BadRecords()
         self._records = grain.sources.ArrayRecordDataSource(self._files)
         if len(self._records) == 0:
             raise ValueError(f"ArrayRecord files {self._files} have no records")
@@ -204,6 +268,12 @@ class ArrayRecordSource:
         return len(self._records)
 
     def __getitem__(self, index: int) -> str:
+        try:
+            return self._read(index)
+        except ValueError as e:
+            return self.bad.skip(index, e)
+
+    def _read(self, index: int) -> str:
         where = f"record {index} of {self._files}"
         return text_of_record(self._records[index], self._text_field, where)
 
@@ -215,7 +285,7 @@ DocumentSource = TextFileSource | JsonlSource | ArrayRecordSource
 
 
 def open_source(
-    paths: Sequence[str | Path], format: str, text_field: str = "text"
+    paths: Sequence[str | Path], format: str, text_field: str = "text", max_bad_records: int = 0
 ) -> DocumentSource:
     """Opens the documents at `paths` as a random-access source of strings.
 
@@ -223,6 +293,7 @@ def open_source(
       paths: files, folders or glob patterns.
       format: one of `FORMATS`.
       text_field: key of the document text ("jsonl" and "arrayrecord").
+      max_bad_records: unreadable records skipped (reported, counted) before one raises.
 
     Returns:
       A source whose item `i` is document `i` (a `str`).
@@ -232,8 +303,28 @@ def open_source(
       ValueError: unsupported format, or a first record lacks `text_field`.
     """
     files = resolve_files(paths, format)
+    bad = BadRecords(max_bad_records)
     if format == "text":
-        return TextFileSource(files)
+        return TextFileSource(files, bad)
     if format == "jsonl":
-        return JsonlSource(files, text_field)
-    return ArrayRecordSource(files, text_field)
+        return JsonlSource(files, text_field, bad)
+    return ArrayRecordSource(files, text_field, bad)
+
+
+def check_not_empty(docs: Sequence[str], encode: Callable[[str], Sequence[int]], where: str):
+    """Raises unless some document of `docs` has at least one token.
+
+    The pipeline drops empty documents, so a corpus of only empty ones would make the batch
+    iterator search forever. Reads documents in order until the first non-empty one (at once
+    for any normal corpus; the whole corpus only when it is all empty).
+
+    Raises:
+      ValueError: every document is empty (or was skipped as bad), naming `where`.
+    """
+    for i in range(len(docs)):
+        if len(encode(docs[i])) > 0:
+            return
+    raise ValueError(
+        f"{where}: all {len(docs)} documents are empty (or unreadable and skipped): there is "
+        "nothing to train on"
+    )

@@ -418,7 +418,9 @@ def open_orbax_arrays(root: str, maps: list[ParamMap]):
             kv = {"driver": "file", "path": os.path.join(root, pm.name)}
         if str(pm.path) not in meta["tree_metadata"]:
             raise st.CheckpointError(f"{root}: parameter {pm.name!r} is missing")
-        store = ts.open({"driver": driver, "kvstore": kv, "open": True}, read=True).result()
+        # A missing chunk file (an interrupted copy) must fail the read, not read as zeros.
+        spec = {"driver": driver, "kvstore": kv, "open": True, "fill_missing_data_reads": False}
+        store = ts.open(spec, read=True).result()
         if tuple(store.shape) != pm.shape:
             raise st.CheckpointError(
                 f"{root}: parameter {pm.name!r} has shape {list(store.shape)}, expected "

@@ -17,15 +17,21 @@ damaged files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -35,12 +41,57 @@ from deepseek_jax.train.config import CheckpointConfig
 log = logging.getLogger(__name__)
 
 
+class ChecksumError(ValueError):
+    """A restored array or document differs from what was saved."""
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words (one per element, two for 64-bit types), flat."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    size = jnp.dtype(x.dtype).itemsize
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _checksums(tree) -> list[jax.Array]:
+    """Per leaf [2] uint32: the sum of its 32-bit words and the sum of word_i * (2i + 1), both
+    mod 2**32. Any single flipped bit changes both; a swap of two words changes the second."""
+    out = []
+    for x in jax.tree.leaves(tree):
+        w = _words(x)
+        odd = jnp.arange(w.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+        out.append(jnp.stack([w.sum(dtype=jnp.uint32), (w * odd).sum(dtype=jnp.uint32)]))
+    return out
+
+
+def array_checksums(tree: Any) -> dict[str, list[int]]:
+    """{leaf path: [sum, weighted sum]} of every array of `tree`, computed where it lives (one
+    small reduction per array, all-reduced over its shards), for storing in JSON."""
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    values = _checksums(tree)
+    host = [np.asarray(v.addressable_data(0)) for v in values]
+    return {p: [int(v[0]), int(v[1])] for p, v in zip(paths, host, strict=True)}
+
+
+def verify_checksums(tree: Any, stored: dict[str, list[int]], where: str) -> None:
+    """Raises ChecksumError naming the arrays of `tree` whose checksums differ from `stored`."""
+    actual = array_checksums(tree)
+    bad = sorted(p for p in set(actual) | set(stored) if actual.get(p) != stored.get(p))
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ChecksumError(f"{where}: checksum mismatch in {len(bad)} array(s): {shown}")
+
+
 class DataStateHandler(ocp.CheckpointHandler):
     """Saves one JSON document per process (the data-iterator state of that host)."""
 
     def save(self, directory: epath.Path, args: DataStateSave):
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        (directory / name).write_text(json.dumps(args.state))
+        text = json.dumps(args.state, sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        (directory / name).write_text(json.dumps({"sha256": digest, "state": args.state}))
 
     def restore(self, directory: epath.Path, args: DataStateRestore | None = None):
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -49,7 +100,11 @@ class DataStateHandler(ocp.CheckpointHandler):
             raise FileNotFoundError(
                 f"{path} is missing: the checkpoint was written by a different process count"
             )
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
+        text = json.dumps(doc["state"], sort_keys=True)
+        if hashlib.sha256(text.encode()).hexdigest() != doc["sha256"]:
+            raise ChecksumError(f"{path}: the data-iterator state does not match its checksum")
+        return doc["state"]
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -94,6 +149,16 @@ class Checkpointer:
 
     def __init__(self, directory: str, cfg: CheckpointConfig, metadata: dict | None = None):
         self.directory = os.path.abspath(directory)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(
+                f"checkpoint.dir={directory!r} is a file, not a folder: checkpoints cannot be "
+                "written there (remove it or point checkpoint.dir elsewhere)"
+            )
+        parent = self.directory
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"checkpoint.dir={directory!r}: {parent} is not writable")
         self.cfg = cfg
         self.metadata = metadata or {}
         self._manager = self._open()
@@ -132,10 +197,12 @@ class Checkpointer:
                 "checkpoint step %d already exists in %s; not saved again", step, self.directory
             )
         else:
+            meta = {"step": step, "time": time.time(), **self.metadata}
+            meta["checksums"] = array_checksums(state)  # verified on restore
             args = ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=DataStateSave(data_state),
-                meta=ocp.args.JsonSave({"step": step, "time": time.time(), **self.metadata}),
+                meta=ocp.args.JsonSave(meta),
             )
             self._manager.save(step, args=args, force=True)
         if wait:
@@ -159,13 +226,20 @@ class Checkpointer:
         failures: list[tuple[int, Exception]] = []
         for step in reversed(steps):
             try:
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target), data=DataStateRestore()
-                    ),
-                )
-            except Exception as e:  # any unreadable item makes the step unusable
+                with _quiet_asyncio():
+                    restored = self._manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(target),
+                            data=DataStateRestore(),
+                            meta=ocp.args.JsonRestore(),
+                        ),
+                    )
+                checksums = restored["meta"].get("checksums")
+                if checksums is None:
+                    raise ChecksumError("no array checksums stored with this step")
+                verify_checksums(restored["state"], checksums, f"step {step}")
+            except Exception as e:  # any unreadable or damaged item makes the step unusable
                 failures.append((step, e))
                 warnings.warn(
                     f"checkpoint step {step} in {self.directory} cannot be restored "
@@ -185,18 +259,39 @@ class Checkpointer:
         ) from err
 
     def _set_aside(self, steps: list[int]) -> None:
-        """Renames unreadable steps to `<step>.corrupt` so new saves can reuse the step."""
+        """Renames unreadable steps to `<step>.corrupt-<time>` so new saves can reuse the step,
+        keeping the newest `cfg.keep_corrupt` of those folders."""
         if jax.process_index() == 0:
             for step in steps:
                 src = os.path.join(self.directory, str(step))
-                dst = f"{src}.corrupt-{int(time.time())}"
+                dst = f"{src}.corrupt-{time.time_ns()}"
                 if os.path.isdir(src):
                     os.rename(src, dst)
-                    log.warning("moved unreadable checkpoint %s to %s", src, dst)
+                    warnings.warn(
+                        f"moved unreadable checkpoint {src} to {dst}", RuntimeWarning, stacklevel=3
+                    )
+            aside = glob.glob(os.path.join(glob.escape(self.directory), "*.corrupt-*"))
+            aside.sort(key=lambda p: int(p.rsplit("-", 1)[1]) if p[-1].isdigit() else 0)
+            for old in aside[: max(0, len(aside) - self.cfg.keep_corrupt)]:
+                shutil.rmtree(old, ignore_errors=True)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("deepseek_jax_checkpoint_set_aside")
         self._manager.close()
         self._manager = self._open()
+
+    def stored_config(self) -> tuple[int, dict] | None:
+        """(step, run config) stored with the newest step whose metadata reads, or None."""
+        for step in reversed(self.all_steps()):
+            try:
+                with _quiet_asyncio():
+                    meta = self._manager.restore(
+                        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                    )["meta"]
+            except Exception:  # restore() reports unreadable steps
+                continue
+            if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+                return step, meta["config"]
+        return None
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -204,3 +299,25 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+    """Silences asyncio's "Event loop is closed" reports while a failing restore is abandoned.
+
+    When one array of a step cannot be read, Orbax's restore raises while the reads of the other
+    arrays are still scheduled on its event loop; their callbacks then fire into a closed loop
+    and asyncio logs each one as an error with a traceback (hundreds per step). The failure itself
+    is reported by `Checkpointer.restore`; everything else asyncio logs passes through.
+    """
+    logger = logging.getLogger("asyncio")
+
+    def drop_closed_loop(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc))
+
+    logger.addFilter(drop_closed_loop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_closed_loop)

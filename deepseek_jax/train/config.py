@@ -11,6 +11,7 @@ values of the wrong type, are errors that name the key before anything is compil
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -31,6 +32,15 @@ DEFAULT_RUN_CONFIG = os.path.join(PRESET_DIR, "train-v3-small.yaml")
 
 def _fail(cls: str, field: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{cls}.{field}={value!r} is invalid: {allowed}")
+
+
+def _check_finite(obj: Any) -> None:
+    """NaN passes every `x <= 0` test and inf most others: reject both by field name."""
+    for f in dataclasses.fields(obj):
+        values = getattr(obj, f.name)
+        for value in values if isinstance(values, tuple) else (values,):
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(type(obj).__name__, f.name, getattr(obj, f.name), "must be finite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +86,9 @@ class TrainConfig:
       scaling_compute: a compute budget C (FLOPs); when set, `load_run_config` replaces lr,
         steps and data.global_batch_size with DeepSeek LLM's scaling laws (deepseek_jax.scaling:
         eta_opt(C), B_opt(C) / seq_len rows, (C / M) / tokens per step).
+      max_consecutive_skips: stop the run with an error after this many consecutive steps were
+        skipped for a non-finite loss, gradient or update (the last good checkpoint is kept;
+        0 = never stop).
     """
 
     steps: int = 10000
@@ -111,9 +124,13 @@ class TrainConfig:
     tensorboard: bool = True
     peak_flops: float | None = None
     scaling_compute: float | None = None
+    max_consecutive_skips: int = 10
 
     def __post_init__(self):
         c = "TrainConfig"
+        _check_finite(self)
+        if self.max_consecutive_skips < 0:
+            _fail(c, "max_consecutive_skips", self.max_consecutive_skips, "must be >= 0")
         for name in ("steps", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 _fail(c, name, getattr(self, name), "must be >= 1")
@@ -176,6 +193,8 @@ class CheckpointConfig:
       resume: restore the latest readable checkpoint of `dir` when there is one (the default
         run_dir is a new timestamped folder per run: give train.name or train.run_dir to resume).
       save_final: save after the last step.
+      keep_corrupt: unreadable steps set aside as `<step>.corrupt-<time>` that are kept for
+        inspection (the oldest are deleted beyond this).
     """
 
     dir: str | None = None
@@ -184,8 +203,11 @@ class CheckpointConfig:
     async_save: bool = True
     resume: bool = True
     save_final: bool = True
+    keep_corrupt: int = 2
 
     def __post_init__(self):
+        if self.keep_corrupt < 0:
+            _fail("CheckpointConfig", "keep_corrupt", self.keep_corrupt, "must be >= 0")
         if self.every < 0:
             _fail("CheckpointConfig", "every", self.every, "must be >= 0 (0 = no periodic saves)")
         if self.keep < 1:
@@ -241,6 +263,12 @@ class RunConfig:
     pipeline: PipelineConfig = PipelineConfig()
 
     def __post_init__(self):
+        T, max_pos = self.data.seq_len, self.model.max_position_embeddings
+        if T > max_pos:
+            raise ValueError(
+                f"data.seq_len={T} exceeds model.max_position_embeddings={max_pos}: the model "
+                "has no positions beyond it (lower data.seq_len or extend the context)"
+            )
         B, A = self.data.global_batch_size, self.train.grad_accum
         if B % A:
             raise ValueError(
@@ -365,9 +393,18 @@ def _read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"run config file not found: {path}")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of sections {sorted(SECTIONS)}")
+    for section, body in raw.items():
+        if body is not None and not isinstance(body, dict):
+            raise ValueError(
+                f"{path}: section {section!r} must be a mapping of field: value, "
+                f"got {type(body).__name__} {body!r}"
+            )
     return raw
 
 
@@ -383,7 +420,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
             raise ValueError(
                 f"override key {key!r} must be section.field (sections: {sorted(SECTIONS)})"
             )
-        out.append((parts, yaml.safe_load(text) if text.strip() else None))
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        out.append((parts, value))
     return out
 
 

@@ -39,6 +39,8 @@ from deepseek_jax.train.checkpoint import Checkpointer
 from deepseek_jax.train.config import DistConfig, RunConfig, TrainConfig, load_run_config
 from deepseek_jax.train.flops import describe_peak, flops_per_token, mfu
 from deepseek_jax.train.metrics import MetricsLogger, real_tokens, token_rates
+from deepseek_jax.train.resume import ConfigChangeError, check_resume
+from deepseek_jax.train.runlock import RunLock, RunLockedError
 from deepseek_jax.train.step import (
     TrainState,
     abstract_train_state,
@@ -129,6 +131,7 @@ class StopSignals:
 
     def __init__(self):
         self.flag = False
+        self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
@@ -139,6 +142,7 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         self.flag = True
+        self.signum = signum
         signal.signal(signum, self._old[signum])
         _say(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint and stopping")
 
@@ -180,24 +184,85 @@ def _log_line(step: int, r: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+class TooManySkipsError(RuntimeError):
+    """`train.max_consecutive_skips` consecutive steps had a non-finite loss or update."""
+
+
+def _lock_run(run_dir: str, ckpt_dir: str) -> list[RunLock]:
+    """Process 0 locks the run folder (and an outside checkpoint folder); every process learns
+    whether that worked, so all stop together when another run holds them."""
+    locks, error = [], ""
+    if jax.process_index() == 0:
+        try:
+            for folder, what in ((run_dir, "run folder"), (ckpt_dir, "checkpoint.dir")):
+                if what == "run folder" or os.path.commonpath([run_dir, ckpt_dir]) != run_dir:
+                    locks.append(RunLock(folder, what).acquire())
+        except (RunLockedError, NotADirectoryError) as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        code = np.int32(1 if error else 0)
+        if multihost_utils.broadcast_one_to_all(code) and not error:
+            error = "process 0 could not lock the run folder (see its log)"
+    if error:
+        for lock in locks:
+            lock.release()
+        raise RunLockedError(error)
+    return locks
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    on_step: Callable[[int], None] | None = None,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
     """Trains according to `cfg`; returns the end-of-run summary.
 
     Args:
       cfg: the run config (see train.config).
       on_step: called with the step number after every step and its logging, before the
         checkpoint decision (a SIGTERM sent from it saves that step); for notebooks and tests.
+      allow_config_change: resume even when the config stored with the checkpoint differs in
+        fields that break the run (train.resume); otherwise that is refused.
     Returns:
-      The summary dict of `MetricsLogger.summary` plus `history` (the logged records).
+      The summary dict of `MetricsLogger.summary` plus `history` (the logged records),
+      `finished` (all `train.steps` done) and `stop_signal` (the signal's name, or None).
+    Raises:
+      RunLockedError: another live run holds the run folder.
+      ConfigChangeError: resuming with a config the checkpointed run cannot continue with.
+      TooManySkipsError: `train.max_consecutive_skips` consecutive steps were skipped.
     """
     initialize_distributed(cfg.dist)
     tcfg = cfg.train
     run_dir = os.path.abspath(resolve_run_dir(tcfg))
+    ckpt_dir = os.path.abspath(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"))
+    for key, folder in (("train.run_dir", run_dir), ("checkpoint.dir", ckpt_dir)):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(
+                f"{key}={folder!r} is a file, not a folder: the run cannot write there "
+                f"(remove it or set {key} to a folder)"
+            )
+    locks = _lock_run(run_dir, ckpt_dir)
+    try:
+        return _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]:
+    tcfg = cfg.train
     mesh = make_mesh(cfg.mesh)
     rules = get_rules(cfg.mesh.rules)
     tokenizer = _check_vocab(cfg)
+    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, metadata={"config": cfg.to_dict()})
+    stored = ckpt.stored_config() if cfg.checkpoint.resume else None
+    if stored is not None:
+        for line in check_resume(
+            stored[1], cfg.to_dict(), step=stored[0], where=ckpt_dir, allow=allow_config_change
+        ):
+            _say(line)
     if jax.process_index() == 0:
-        os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     counts = count_params(cfg.model)
@@ -221,11 +286,6 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
             cfg.data, process_index=data_index, process_count=data_count, tokenizer=tokenizer
         )
     )
-    ckpt = Checkpointer(
-        cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"),
-        cfg.checkpoint,
-        metadata={"config": cfg.to_dict()},
-    )
     graphdef, abstract = abstract_train_state(cfg.model, tcfg, seed=tcfg.seed)
     shardings = train_state_shardings(cfg.model, tcfg, mesh, rules)
     restored = None
@@ -237,7 +297,14 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
     if restored is not None:
         start, state_dict, data_state = restored
         state = TrainState(**state_dict)
-        iterator.set_state(data_state)
+        try:
+            iterator.set_state(data_state)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigChangeError(
+                f"the data-iterator state of step {start} in {ckpt.directory} does not fit this "
+                f"data pipeline ({type(e).__name__}: {e}); it was written by a differently "
+                "configured data section"
+            ) from e
         _say(f"resumed from step {start} ({ckpt.directory})")
     else:
         graphdef, state = init_train_state(cfg.model, tcfg, seed=tcfg.seed, mesh=mesh, rules=rules)
@@ -271,8 +338,29 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
     )
     step, mark, pending, saved = start, None, None, start if restored is not None else -1
     counted, hosts = (0.0, 0.0), 1 if full_batch else jax.process_count()  # since `mark`
+    unread: list[tuple[int, jax.Array]] = []  # (step, finite) not yet looked at on the host
+    streak: list[int] = []  # the current run of consecutive skipped steps
+
+    def check_skips(upto: int) -> None:
+        """Reads `finite` of steps <= upto (already computed) and stops on too long a streak."""
+        while unread and unread[0][0] <= upto:
+            s, finite = unread.pop(0)
+            if _host(finite) > 0:
+                streak.clear()
+            else:
+                streak.append(s)
+        limit = tcfg.max_consecutive_skips
+        if limit and len(streak) >= limit:
+            raise TooManySkipsError(
+                f"{len(streak)} consecutive steps ({streak[0]}..{streak[-1]}) were skipped for a "
+                "non-finite loss, gradient or update (train.max_consecutive_skips="
+                f"{limit}); the run stops without saving, the newest checkpoint in "
+                f"{ckpt.directory} is the last good state. Check train.lr and the data."
+            )
+
+    signals = StopSignals()
     try:
-        with StopSignals() as signals:
+        with signals:
             while step < tcfg.steps:
                 try:
                     local = next(iterator)
@@ -289,7 +377,9 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
                     mark, counted = (time.time(), step), (0.0, 0.0)
                 elif pending is not None:
                     jax.block_until_ready(pending)  # keep at most one step in flight
+                    check_skips(step - 1)
                 pending = metrics["loss"]
+                unread.append((step, metrics["finite"]))
                 logger.advance(step)
                 if step % tcfg.log_every == 0 or step == tcfg.steps:
                     host = {k: _host(v) for k, v in metrics.items()}
@@ -315,12 +405,14 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
                     on_step(step)
                 stop = signals.requested()
                 if ckpt.should_save(step) or stop:
+                    check_skips(step)  # never replace a good checkpoint during a streak
                     # A snapshot of the iterator *now*: it has consumed exactly `step` batches.
                     data_state = json.loads(json.dumps(iterator.get_state()))
                     ckpt.save(step, state._asdict(), data_state, wait=stop)
                     saved = step
                 if stop:
                     break
+        check_skips(step)
         if cfg.checkpoint.save_final and saved != step:
             ckpt.save(step, state._asdict(), json.loads(json.dumps(iterator.get_state())))
     finally:
@@ -330,6 +422,8 @@ def run(cfg: RunConfig, *, on_step: Callable[[int], None] | None = None) -> dict
             close()
         summary = logger.close()
     summary["history"] = logger.history
+    summary["finished"] = step >= tcfg.steps
+    summary["stop_signal"] = None if signals.signum is None else signal.Signals(signals.signum).name
     return summary
 
 
@@ -345,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
     parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even when the checkpoint's run config differs in fields that break the run",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="section.field=value, e.g. train.steps=100 mesh.fsdp=8"
     )
     args = parser.parse_args(argv)
@@ -355,5 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    run(cfg)
+    try:
+        summary = run(cfg, allow_config_change=args.allow_config_change)
+    except (RunLockedError, ConfigChangeError, TooManySkipsError, NotADirectoryError) as e:
+        print(f"train_main.py: error: {e}", file=sys.stderr)
+        return 1
+    if summary["stop_signal"] is not None and not summary["finished"]:
+        _say(f"stopped by {summary['stop_signal']} before train.steps: exiting non-zero")
+        return 128 + signal.Signals[summary["stop_signal"]].value
     return 0

@@ -9,6 +9,7 @@ counts the real (non-padding, `loss_mask`) tokens over the steps since the last 
 excluding the first step of an invocation (compilation); where padding made them differ,
 `positions_per_s` counts all B x T positions as well (`token_rates`). A resumed run appends
 to the same file, so a step may appear more than once; the last occurrence is the one that counts.
+Non-finite values (the loss of a skipped step) are written as null, keeping every line JSON.
 
 Only process 0 writes; the other processes' loggers are inert.
 """
@@ -66,6 +67,17 @@ def to_python(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN and +-inf (a skipped step's loss) as null: bare NaN is not JSON."""
+
+    def one(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return [one(x) for x in v] if isinstance(v, list) else v
+
+    return {k: one(v) for k, v in record.items()}
+
+
 class MetricsLogger:
     """Writes metrics for steps [start_step, total_steps] of a run.
 
@@ -121,7 +133,7 @@ class MetricsLogger:
         self.history.append(record)
         if not self.enabled:
             return record
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in record.items():

@@ -194,6 +194,12 @@ def update_biases(biases: dict, counts: jax.Array, gamma: jax.Array) -> dict:
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
+def all_finite(tree) -> jax.Array:
+    """[] bool: every floating-point leaf of `tree` is free of NaN and inf."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else True
+
+
 def make_train_step(
     model_cfg: ModelConfig,
     loss_cfg: LossConfig,
@@ -311,6 +317,7 @@ def make_train_step(
             lr = schedule(state.step - state.skipped)  # optax's count = applied updates
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
+            finite = finite & all_finite((params, opt_state))  # e.g. lr=nan: finite grads
             biases = state.biases
             if counts is not None and jax.tree.leaves(biases):
                 biases = update_biases(biases, counts, gamma)
