@@ -16,6 +16,8 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import yaml
 
+from deepseek_jax.resources import preset_dir
+
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 ScoringFunc = Literal["softmax", "sigmoid"]
 MoeImpl = Literal["dropless", "capacity"]
@@ -67,7 +69,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a DeepSeek-V2/V3 model (dimension letters as in DESIGN.md)."""
+    """Architecture of a DeepSeek-V2/V3 model (dimension letters as in README.md, Conventions)."""
 
     # Sizes.
     vocab_size: int = 129280  # V
@@ -121,7 +123,6 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights
     remat: str = "full"
-    scan_layers: bool = True
     fp8: bool = False  # run linear layers / routed experts in FP8 (kernels issue)
 
     def __post_init__(self):
@@ -141,6 +142,8 @@ class ModelConfig:
         self._validate_attention()
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             _fail("q_lora_rank", self.q_lora_rank, "must be a positive integer or None")
+        if self.attention_bias:
+            _fail("attention_bias", True, "must be false: MLA has no projection biases")
         if self.qk_rope_head_dim % 2:
             _fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
         if self.rope_theta <= 0:
@@ -369,7 +372,6 @@ class ModelConfig:
                 "dtype",
                 "param_dtype",
                 "remat",
-                "scan_layers",
                 "fp8",
                 "moe_impl",
                 "capacity_factor",
@@ -491,11 +493,12 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# configs/ in the repository, installed as the package deepseek_jax.presets.
+PRESET_DIR = str(preset_dir())
 
 
 def load_preset(name: str) -> ModelConfig:
-    """Loads `configs/<name>.yaml` (e.g. 'deepseek-v3-671b', 'v3-small')."""
+    """Loads the preset `configs/<name>.yaml` (e.g. 'deepseek-v3-671b', 'v3-small')."""
     path = os.path.join(PRESET_DIR, f"{name}.yaml")
     if not os.path.isfile(path):
         names = sorted(p[:-5] for p in os.listdir(PRESET_DIR) if p.endswith(".yaml"))

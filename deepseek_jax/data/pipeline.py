@@ -35,8 +35,10 @@ from deepseek_jax.data.packing import ChunkDocument, pack, pad_batch, without_do
 from deepseek_jax.data.ramp import RampBatch, batch_plan
 from deepseek_jax.data.sources import FORMATS, check_not_empty, open_source
 from deepseek_jax.data.tokenizer import Tokenizer, load_tokenizer
+from deepseek_jax.resources import asset_dir
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+# data/ in the repository, installed as the package deepseek_jax.assets.
+DATA_DIR = asset_dir()
 SHIPPED_TRAIN = DATA_DIR / "pydoc_train.jsonl"
 SHIPPED_VALID = DATA_DIR / "pydoc_valid.jsonl"
 SHIPPED_TOKENIZER = DATA_DIR / "tokenizer.json"

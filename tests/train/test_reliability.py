@@ -145,6 +145,7 @@ def test_non_finite_update_is_skipped_and_state_kept():
 
     cfg = load_run_config(None, TINY)
     graphdef, state = init_train_state(cfg.model, cfg.train, seed=0)
+
     # A damaged second moment (negative, as after a flipped sign bit): loss and gradient are
     # finite, but Adam's update sqrt(nu) is NaN. The guard must look at what the update makes.
     def damage(s):

@@ -1,0 +1,1 @@
+"""YAML presets (`deepseek_jax.presets`, read through `deepseek_jax.resources`)."""
