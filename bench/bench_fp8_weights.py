@@ -119,7 +119,7 @@ def _greedy(graphdef, state, prompt, steps: int):
 
     def step(carry, i):
         caches, tok = carry
-        logits, caches = model.decode(tok[:, None], caches, i)
+        logits, caches = model.decode(tok[:, None], caches, jnp.full((B, 1), i, jnp.int32))
         greedy = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
         nxt = jnp.where(i + 1 < T, padded[:, i + 1], greedy)
         return (caches, nxt), nxt

@@ -224,7 +224,9 @@ def decode(smoke: bool, batch: int) -> list[Row]:
 
     @jax.jit
     def step(state, ids, caches, index):
-        logits, caches = nnx.merge(graphdef, state).decode(ids, caches, index)
+        # Every row starts at the same position here: positions [B, T] = index + 0..T-1.
+        positions = jnp.broadcast_to(index + jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+        logits, caches = nnx.merge(graphdef, state).decode(ids, caches, positions)
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None], caches
 
     caches = model.init_cache(B, P + S)

@@ -74,7 +74,7 @@ def routed_dropless(
     Args:
       x: [M, D] tokens; r: routing with weights/experts [M, K].
       w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-      fp8: V3 FP8 recipe (always the grouped kernels).
+      fp8: V3 FP8 recipe (always the grouped kernels, as are stored `Fp8Weight` experts).
       gmm: "blocked" (kernels/block_grouped_matmul.py: tiles of one expert, routed FLOPs plus
         padding), "grouped" (`grouped_matmul`: ragged_dot / Pallas) or "auto" (blocked on CPU,
         where XLA's ragged_dot costs about E times the routed FLOPs; grouped elsewhere).
@@ -85,7 +85,9 @@ def routed_dropless(
         raise ValueError(f"routed_dropless: {gmm=} must be one of auto, blocked, grouped")
     if gmm == "auto":
         gmm = "blocked" if jax.default_backend() == "cpu" else "grouped"
-    if gmm == "blocked" and not fp8:
+    stored_fp8 = isinstance(w_gate, fp8_weights.Fp8Weight)
+    if gmm == "blocked" and not fp8 and not stored_fp8:
+        # Stored FP8 serving weights always take the grouped kernels, which dequantise per tile.
         return routed_blocked(x, r, w_gate, w_up, w_down)
     M, K = r.experts.shape
     E = w_gate.shape[0]
