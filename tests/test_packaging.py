@@ -11,7 +11,7 @@ import pytest
 from deepseek_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ("pyproject.toml", "README.md", "deepseek_jax", "kernels", "sharding", "configs", "data")
+SOURCES = ("pyproject.toml", "README.md", "deepseek_jax", "configs", "data")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_wheel_ships_presets_tokenizer_and_corpus(wheel_names):
     assert presets and all(f"deepseek_jax/presets/{p}" in names for p in presets)
     for asset in ("tokenizer.json", "pydoc_train.jsonl", "pydoc_valid.jsonl", "LICENSE-PSF.txt"):
         assert f"deepseek_jax/assets/{asset}" in names
-    # The folders mapped under the one namespace, and no top-level `kernels` / `sharding`.
+    # The kernels and sharding subpackages, and no top-level `kernels` / `sharding` (PyPI names).
     assert "deepseek_jax/kernels/__init__.py" in names
     assert "deepseek_jax/sharding/__init__.py" in names
     assert not any(n.startswith(("kernels/", "sharding/", "configs/", "data/")) for n in names)

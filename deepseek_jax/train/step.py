@@ -222,7 +222,7 @@ def make_train_step(
         `batch_sharding`, and activations follow the rules' constraints; None = one device.
       donate: donate the input state's buffers (the caller must not reuse it).
       pipeline: with a schedule and a mesh whose `stage` axis is > 1, loss and gradients come
-        from the pipeline executor (sharding/pipeline.py) over that axis.
+        from the pipeline executor (deepseek_jax/sharding/pipeline.py) over that axis.
       data: the run's data config: its batch-size ramp turns steps into tokens for the "v3"
         learning rate and the token thresholds (train/schedule.py); None = B x T per step.
     Returns:

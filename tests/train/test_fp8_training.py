@@ -1,5 +1,12 @@
-"""FP8 training (V3 Sec. 3.3): the small preset trained in FP8 and in BF16 from the same seed on
-the shipped corpus; the FP8 loss stays within 1% (relative) of the BF16 loss."""
+"""FP8 training (V3 Sec. 3.3): a small V3 trained in FP8 and in BF16 on the shipped corpus; the
+FP8 loss stays within 1% (relative) of the BF16 loss.
+
+One short run's final loss is chaotic at this size: a perturbation as small as XLA:CPU splitting
+a reduction differently (1 vs 8 host devices) moves the BF16 run's final loss by more than 1%
+(200 steps of v3-small: 5.14, 5.16 and 5.21 for the same seed). So the comparison is between
+means over seeds (parameter initialisation and data order), each seed trained in both precisions
+by the same compiled steps: the 1% bound then sits well outside the noise, while a broken FP8
+recipe (a wrong scale, a dropped quantisation step) costs far more than 1%."""
 
 import itertools
 
@@ -12,33 +19,41 @@ from deepseek_jax.losses import LossConfig
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import init_train_state, make_train_step
 
-STEPS, SEQ, BATCH = 200, 64, 4
+STEPS, SEQ, BATCH, SEEDS = 100, 64, 4, (0, 1, 2)
 
 
-def _losses(fp8: bool) -> np.ndarray:
+def _final_losses(fp8: bool) -> np.ndarray:
+    """[seeds, STEPS] training losses; one compiled step serves every seed."""
     cfg = load_preset("v3-small").replace(
-        dtype="bfloat16", fp8=fp8, remat="none", moe_impl="dropless"
+        dtype="bfloat16", fp8=fp8, remat="none", moe_impl="dropless", num_hidden_layers=2
     )
     tcfg = TrainConfig(
-        steps=STEPS, lr=2e-3, warmup_steps=20, schedule="cosine", bias_update_speed=0.01
+        steps=STEPS, lr=3e-3, warmup_steps=10, schedule="cosine", bias_update_speed=0.01
     )
-    graphdef, state = init_train_state(cfg, tcfg, seed=0)
-    step = make_train_step(cfg, LossConfig(), tcfg, graphdef)
-    data = make_dataset(
-        DataConfig(seq_len=SEQ, global_batch_size=BATCH, seed=0), process_index=0, process_count=1
-    )
-    losses = []
-    for batch in itertools.islice(iter(data), STEPS):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["main_loss"]))
-    return np.array(losses)
+    step = None
+    runs = []
+    for seed in SEEDS:
+        graphdef, state = init_train_state(cfg, tcfg, seed=seed)
+        step = step or make_train_step(cfg, LossConfig(), tcfg, graphdef)
+        data = make_dataset(
+            DataConfig(seq_len=SEQ, global_batch_size=BATCH, seed=seed),
+            process_index=0,
+            process_count=1,
+        )
+        losses = []
+        for batch in itertools.islice(iter(data), STEPS):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["main_loss"]))
+        runs.append(losses)
+    return np.array(runs)
 
 
 @pytest.mark.slow
 def test_fp8_loss_tracks_bf16():
-    bf16, fp8 = _losses(False), _losses(True)
-    assert bf16[-20:].mean() < bf16[:10].mean() - 1.0  # it trained
-    rel = abs(fp8[-20:].mean() - bf16[-20:].mean()) / bf16[-20:].mean()
-    print(f"final loss bf16 {bf16[-20:].mean():.4f} fp8 {fp8[-20:].mean():.4f} rel {rel:.4%}")
+    bf16, fp8 = _final_losses(False), _final_losses(True)
+    assert (bf16[:, -10:].mean(1) < bf16[:, :5].mean(1) - 1.0).all()  # every seed trained
+    final_bf16, final_fp8 = bf16[:, -10:].mean(1), fp8[:, -10:].mean(1)  # [seeds]
+    rel = abs(final_fp8.mean() - final_bf16.mean()) / final_bf16.mean()
+    print(f"final loss per seed: bf16 {final_bf16} fp8 {final_fp8}; mean rel diff {rel:.4%}")
     assert rel < 0.01
     assert not np.array_equal(bf16, fp8)  # the FP8 path really differs

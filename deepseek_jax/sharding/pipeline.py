@@ -178,7 +178,7 @@ def pipeline_grads(
       shared_params: pytree used by several stages (embedding, head): replicated over `axis`.
       inputs: pytree of per-micro-batch inputs, leading axis [num_microbatches].
       act_shape: shape/dtype of one micro-batch's stage activation.
-      schedule: from sharding.schedules; its num_ranks must equal the `axis` size.
+      schedule: from deepseek_jax.sharding.schedules; its num_ranks must equal the `axis` size.
       mesh: mesh with the `axis` axis.
     Returns:
       (mean loss over micro-batches, stage-param grads [PP, ...], shared-param grads,
