@@ -49,7 +49,7 @@ class MoEStats(NamedTuple):
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, fp8: bool = False):
     """x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] -> [M, N].
 
-    Dispatches to deepseek_jax/kernels/grouped_matmul.py: the Pallas kernel on GPU, `jax.lax.ragged_dot`
+    Dispatches to kernels/grouped_matmul.py: the Pallas kernel on GPU, `jax.lax.ragged_dot`
     elsewhere; `fp8` quantises x (1x128) and w (128x128 per expert) as in the V3 recipe.
     """
     if isinstance(w, fp8_weights.Fp8Weight):  # stored FP8 serving weights
@@ -75,7 +75,7 @@ def routed_dropless(
       x: [M, D] tokens; r: routing with weights/experts [M, K].
       w_gate, w_up: [E, D, F]; w_down: [E, F, D].
       fp8: V3 FP8 recipe (always the grouped kernels, as are stored `Fp8Weight` experts).
-      gmm: "blocked" (deepseek_jax/kernels/block_grouped_matmul.py: tiles of one expert, routed FLOPs plus
+      gmm: "blocked" (kernels/block_grouped_matmul.py: tiles of one expert, routed FLOPs plus
         padding), "grouped" (`grouped_matmul`: ragged_dot / Pallas) or "auto" (blocked on CPU,
         where XLA's ragged_dot costs about E times the routed FLOPs; grouped elsewhere).
     Returns:
@@ -209,7 +209,7 @@ class MoE(nnx.Module):
         """
         cfg = self.cfg
         B, T, D = x.shape
-        # ---- expert parallelism (deepseek_jax/sharding/expert_parallel.py) -------------------------------
+        # ---- expert parallelism (sharding/expert_parallel.py) -------------------------------
         # impl "ep*", or no impl under sharding rules and a mesh that splits tokens or experts:
         # route and run the routed experts under shard_map (all-to-all dispatch / combine).
         stored_fp8 = isinstance(self.w_gate[...], fp8_weights.Fp8Weight)

@@ -329,7 +329,7 @@ def partition_spec(
     rules: Mapping[str, Any],
     where: str = "",
 ) -> PartitionSpec:
-    """Logical axes of a parameter -> PartitionSpec on a mesh of `mesh_shape` (deepseek_jax/sharding/rules.py).
+    """Logical axes of a parameter -> PartitionSpec on a mesh of `mesh_shape` (sharding/rules.py).
 
     Rules naming mesh axes that a partial `mesh_shape` (e.g. {"fsdp": 8}) lacks are dropped.
     """
