@@ -323,9 +323,12 @@ def timeline_boxes(tl: Sequence[TimelineEntry]):
     return boxes
 
 
-def plot_pipeline_timeline(ax, schedule: Schedule, costs: Costs) -> SimResult:
+def plot_pipeline_timeline(
+    ax, schedule: Schedule, costs: Costs, *, legend: bool = False
+) -> SimResult:
     """Draws the simulated per-rank timeline of `schedule` (one row per rank); returns the
-    simulation. Overlapped F&B pairs get a black border; colours are OP_COLORS."""
+    simulation. Overlapped F&B pairs get a black border; colours are OP_COLORS (`legend` adds
+    a key of them outside the axes)."""
     result = simulate(schedule, costs)
     for r, tl in enumerate(result.timeline):
         for start, end, op, y0, y1 in timeline_boxes(tl):
@@ -345,6 +348,16 @@ def plot_pipeline_timeline(ax, schedule: Schedule, costs: Costs) -> SimResult:
         f"{schedule.name}, PP={schedule.num_ranks}, N={schedule.num_microbatches}: makespan "
         f"{result.makespan:g}, worst bubble {result.max_bubble:g}"
     )
+    if legend:
+        from matplotlib.patches import Patch
+
+        used = {(op.kind, op.direction) for tl in result.timeline for _, _, op in tl}
+        handles = [
+            Patch(color=c, label=f"{k} dir {d}")
+            for (k, d), c in OP_COLORS.items()
+            if (k, d) in used
+        ]
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return result
 
 
