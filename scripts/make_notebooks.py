@@ -582,6 +582,8 @@ def write(path, cells):
     nb.cells = [
         nbf.v4.new_markdown_cell(s) if k == "md" else nbf.v4.new_code_cell(s) for k, s in cells
     ]
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating leaves unchanged cells alone
+        cell.id = f"cell-{i}"
     nbf.write(nb, path)
 
 
