@@ -18,9 +18,9 @@ import importlib.util
 import pathlib
 import sys
 
+from deepseek_jax.report import OP_COLORS, plot_pipeline_timeline, pyplot, timeline_boxes
 from deepseek_jax.sharding.pipeline_sim import (
     Costs,
-    TimelineEntry,
     report_activations,
     report_bubble,
     report_parameters,
@@ -74,30 +74,8 @@ def bubble_table(costs: Costs, pps=(4, 8, 16), microbatches_per_rank: int = 4) -
 
 # ---------------------------------------------------------------------------------- timelines
 
-_COLORS = {
-    (OpKind.F, 0): "#8ecae6",
-    (OpKind.F, 1): "#ffb703",
-    (OpKind.B, 0): "#219ebc",
-    (OpKind.B, 1): "#fb8500",
-    (OpKind.BW, 0): "#126782",
-    (OpKind.BW, 1): "#c65d00",
-    (OpKind.W, 0): "#b5a6d6",
-    (OpKind.W, 1): "#8f7bbf",
-}
-
-
-def _boxes(tl: tuple[TimelineEntry, ...]):
-    """(start, end, op, y0, y1) in row-height fractions; a pair splits its slot top/bottom."""
-    boxes, i = [], 0
-    while i < len(tl):
-        start, end, op = tl[i]
-        if op.overlap_with_next:
-            boxes += [(start, end, op, 0.0, 0.5), (*tl[i + 1], 0.5, 1.0)]
-            i += 2
-        else:
-            boxes.append((start, end, op, 0.0, 1.0))
-            i += 1
-    return boxes
+_COLORS = OP_COLORS
+_boxes = timeline_boxes
 
 
 def _panels(schedules: list[Schedule], costs: Costs):
@@ -179,31 +157,16 @@ def _letter(op) -> str:
 
 
 def write_png(path: pathlib.Path, schedules: list[Schedule], costs: Costs) -> None:
-    """Draws per-rank timelines with matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = _panels(schedules, costs)
+    """Draws per-rank timelines with matplotlib (deepseek_jax.report)."""
+    plt = pyplot()
     fig, axes = plt.subplots(
-        len(panels), 1, figsize=(14, 2 + 0.35 * sum(s.num_ranks for s in schedules)), squeeze=False
+        len(schedules),
+        1,
+        figsize=(14, 2 + 0.35 * sum(s.num_ranks for s in schedules)),
+        squeeze=False,
     )
-    for ax, (title, sched, result) in zip(axes[:, 0], panels, strict=True):
-        for r, tl in enumerate(result.timeline):
-            for start, end, op, y0, y1 in _boxes(tl):
-                ax.broken_barh(
-                    [(start, end - start)],
-                    (r + y0 * 0.9, (y1 - y0) * 0.9),
-                    facecolors=_COLORS[(op.kind, op.direction)],
-                    edgecolors="black" if op.overlap_with_next else "white",
-                )
-        ax.set_yticks(
-            [r + 0.45 for r in range(sched.num_ranks)],
-            [f"rank {r}" for r in range(sched.num_ranks)],
-        )
-        ax.invert_yaxis()
-        ax.set_title(f"{title}, makespan {_fmt(result.makespan)}")
+    for ax, schedule in zip(axes[:, 0], schedules, strict=True):
+        plot_pipeline_timeline(ax, schedule, costs)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

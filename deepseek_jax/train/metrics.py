@@ -4,7 +4,9 @@ Each logged step appends one JSON object to metrics.jsonl with (at least) `step`
 `main_loss`, `mtp_loss`, the balance losses in use, `lr`, `grad_norm`, `tokens_per_s`, `mfu`,
 `skipped`, and per MoE layer (MTP layers last) `expert_load_max` / `expert_load_min` (the busiest
 and idlest expert's token count over the mean count) and `dropped` (fraction of token-expert
-assignments dropped; 0 for the dropless path), plus their means over layers. `tokens_per_s`
+assignments dropped; 0 for the dropless path), plus their means over layers, and
+`expert_load` ([L][E] nested lists: each expert's share of its layer's assignments; TensorBoard
+gets it as one histogram per layer). `tokens_per_s`
 counts the real (non-padding, `loss_mask`) tokens over the steps since the last log line,
 excluding the first step of an invocation (compilation); where padding made them differ,
 `positions_per_s` counts all B x T positions as well (`token_rates`). A resumed run appends
@@ -53,14 +55,14 @@ def token_rates(real_tokens: float, positions: float, seconds: float) -> dict[st
 
 
 def to_python(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Host values of a metrics dict: floats for scalars, lists for per-layer arrays."""
+    """Host values of a metrics dict: floats for scalars, (nested) lists for arrays."""
     out: dict[str, Any] = {}
     for key, value in metrics.items():
         arr = np.asarray(value)
         if arr.ndim == 0:
             out[key] = int(arr) if arr.dtype.kind in "iu" else float(arr)
         else:
-            out[key] = [float(v) for v in arr.reshape(-1)]
+            out[key] = arr.astype(np.float64).tolist()  # [L] or [L, E]
     for key in _LAYER_KEYS:
         if isinstance(out.get(key), list) and out[key]:
             out[f"{key}_mean"] = float(np.mean(out[key]))
@@ -139,7 +141,10 @@ class MetricsLogger:
             for key, value in record.items():
                 if key == "step":
                     continue
-                if isinstance(value, list):
+                if isinstance(value, list) and value and isinstance(value[0], list):
+                    for i, row in enumerate(value):  # [L, E]: the spread over experts
+                        self._tb.add_histogram(f"moe/{key}/layer_{i}", np.asarray(row), step)
+                elif isinstance(value, list):
                     for i, v in enumerate(value):
                         self._tb.add_scalar(f"moe/{key}/layer_{i}", v, step)
                 elif value is not None and math.isfinite(value):

@@ -229,7 +229,8 @@ def make_train_step(
       A jitted function. `batch` holds int32 [B, T] `input_ids`, `labels` and optionally
       `loss_mask`, `segment_ids`, `positions`; B must divide by `train_cfg.grad_accum`. Metrics
       are scalars except the per-MoE-layer arrays `expert_load_max`, `expert_load_min` (load of
-      the busiest / idlest expert over the mean load) and `dropped` ([L]).
+      the busiest / idlest expert over the mean load) and `dropped` ([L]), and `expert_load`
+      ([L, E], each expert's share of its layer's token-expert assignments).
     """
     optimizer = make_optimizer(train_cfg, data)
     schedule = lr_schedule(train_cfg, data)
@@ -350,6 +351,8 @@ def make_train_step(
                 out["expert_load_max"] = counts.max(-1) / mean
                 out["expert_load_min"] = counts.min(-1) / mean
                 out["dropped"] = dropped
+                # [L, E] share of each layer's (token, expert) assignments: the report's heatmap
+                out["expert_load"] = counts / jnp.maximum(counts.sum(-1, keepdims=True), 1e-9)
             return new_state, out
 
     if mesh is None:

@@ -97,6 +97,25 @@ def _losses(run_dir):
     return seen
 
 
+def _tb_histograms(folder):
+    """(tag, step) -> number of values of every histogram in the TensorBoard event files."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in os.listdir(folder):
+        data, i = open(os.path.join(folder, name), "rb").read(), 0
+        while i < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 16 + n
+            for v in event.summary.value:
+                if v.HasField("histo"):
+                    out[(v.tag, event.step)] = v.histo.num
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
     run_dir = str(tmp_path_factory.mktemp("reference"))
@@ -124,10 +143,17 @@ def test_reference_run_writes_metrics(reference):
         "expert_load_max",
         "expert_load_min",
         "dropped",
+        "expert_load",
         "skipped",
     ):
         assert key in record, key
     assert len(record["expert_load_max"]) == 2  # the MoE layer and the MTP block
+    load = np.array(record["expert_load"])  # [L, E] shares of each layer's assignments
+    assert load.shape == (2, 8)
+    np.testing.assert_allclose(load.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(load.max(-1) * 8, record["expert_load_max"], rtol=1e-6)
+    histograms = _tb_histograms(os.path.join(run_dir, "tb"))
+    assert histograms[("moe/expert_load/layer_1", STEPS)] == 8  # one value per expert
     assert record["loss"] < _losses(run_dir)[1][0]
     assert os.listdir(os.path.join(run_dir, "tb"))  # TensorBoard event file
     assert "run finished" in out and os.path.isfile(os.path.join(run_dir, "config.yaml"))

@@ -80,6 +80,12 @@ def test_bias_update_and_schedules(setup):
         lambdas.append(float(m["mtp_lambda"]))
         biases.append(state.biases)
         assert m["expert_load_max"].shape == (cfg.num_moe_layers + 1,)  # MoE layer + MTP block
+        load = np.asarray(m["expert_load"])  # [L, E] each expert's share of its layer
+        assert load.shape == (cfg.num_moe_layers + 1, cfg.n_routed_experts)
+        np.testing.assert_allclose(load.sum(-1), 1.0, atol=1e-6)
+        np.testing.assert_allclose(
+            load.max(-1) * cfg.n_routed_experts, m["expert_load_max"], rtol=1e-6
+        )
     np.testing.assert_allclose(gammas, [0.01, 0.01, 0.0])
     np.testing.assert_allclose(lambdas, [0.3, 0.1, 0.1])
     moved = [
