@@ -119,12 +119,13 @@ def state_from_model(model, cfg: RunConfig, mesh=None, rules=None) -> tuple[Any,
             f"train.init_from={cfg.train.init_from!r}: its parameters do not match the "
             "structure of the model its config describes"
         )
-    params = jax.tree.map(lambda a, x: jnp.asarray(x, a.dtype), abstract.params, params)
+    # Copies (jnp.array copies): the train step donates its state, the model keeps its weights.
+    params = jax.tree.map(lambda a, x: jnp.array(x, a.dtype), abstract.params, params)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        biases=jax.tree.map(jnp.asarray, biases),
-        other=jax.tree.map(jnp.asarray, other),
+        biases=jax.tree.map(jnp.array, biases),
+        other=jax.tree.map(jnp.array, other),
         opt_state=make_optimizer(cfg.train).init(params),
         rng=jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
         skipped=jnp.zeros((), jnp.int32),
