@@ -11,6 +11,9 @@
   5. steps, logs every `train.log_every` steps, checkpoints every `checkpoint.every` steps, on
      SIGTERM/SIGINT (then stops) and at the end.
 
+`train.task` other than "pretrain" (sft, dpo, grpo) runs train/post_run.py's loop after step 1's
+locking, with the same step, checkpoints and metrics files.
+
 `main(argv)` is `python train_main.py [--config FILE] [section.field=value ...]`.
 """
 
@@ -255,7 +258,6 @@ def run(
 def _run_post(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]:
     from deepseek_jax.train.post_run import run_post  # imports the generation engine
 
-    _check_vocab(cfg)
     signals = StopSignals()
     with signals:
         summary = run_post(

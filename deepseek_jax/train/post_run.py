@@ -371,8 +371,10 @@ class Task:
             batch = place_batch(batch, self.mesh, self.rules)
             if self.reference is not None:
                 batch.update(self.reference(batch))
-            self.rollout = batch
-            self.rollout_metrics = {**metrics, "rollout_s": time.perf_counter() - t0}
+            self.rollout, self.rollout_metrics = batch, metrics
+            extra["rollout_s"] = time.perf_counter() - t0
+        else:  # an inner update on the last rollout batch
+            extra["rollout_s"] = 0.0
         return self.rollout, {**self.rollout_metrics, **extra}
 
 
@@ -424,6 +426,12 @@ def run_post(
         )
     cfg, init_model = resolve_init(cfg)
     tcfg = cfg.train
+    vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(
+            f"the model's vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{vocab} (data.tokenizer={cfg.data.tokenizer})"
+        )
     if not cfg.post.routing_bias_updates(tcfg.task):
         tcfg = dataclasses.replace(tcfg, bias_update_speed=0.0)
     mesh, rules = make_mesh(cfg.mesh), get_rules(cfg.mesh.rules)
@@ -481,6 +489,7 @@ def run_post(
     try:
         while step < tcfg.steps:
             batch, extra = task.next_batch(state, step)
+            real = sum(int((v > 0).sum()) for k, v in batch.items() if k.endswith("segment_ids"))
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch)
             jax.block_until_ready(metrics)
@@ -489,7 +498,7 @@ def run_post(
             logger.advance(step)
             if step % tcfg.log_every == 0 or step == tcfg.steps:
                 host = {k: np.asarray(v) for k, v in metrics.items()}
-                host.update(extra, update_s=update_s)
+                host.update(extra, update_s=update_s, tokens_per_s=real / update_s)
                 record = logger.log(step, host)
                 line = _log_line(step, record)
                 if tcfg.progress:

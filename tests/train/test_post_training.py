@@ -68,6 +68,7 @@ GRPO_KEYS = (
     "entropy",
     "rollout_s",
     "update_s",
+    "tokens_per_s",
     "expert_load_max",
 )
 
@@ -164,6 +165,9 @@ def test_grpo_run_from_the_sft_run_raises_the_reward(sft_run, arith, cache_dir, 
     # mu=2: the second update of each rollout batch sees ratios != 1 (and a KL to the reference).
     assert hist[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert any(r["kl"] > 0 for r in hist[1::2])
+    assert all(r["rollout_s"] > 0 for r in hist[::2]) and all(
+        r["rollout_s"] == 0 for r in hist[1::2]
+    )
     assert os.listdir(os.path.join(run_dir, "tb"))  # TensorBoard events beside metrics.jsonl
 
 
