@@ -10,6 +10,7 @@ the accuracy reward alone. The runs go through `train_main.py` in subprocesses o
 that share a compilation cache; the GRPO run starts from the SFT run folder (`train.init_from`).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,8 +37,9 @@ from deepseek_jax.train.post_run import (
     reward_functions,
     state_from_model,
 )
-from deepseek_jax.train.step import make_train_step
+from deepseek_jax.train.step import make_train_step, place_batch
 
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBLEMS = [(1, 2), (3, 4), (2, 5), (4, 4), (0, 6), (5, 3), (1, 1), (6, 2)]
 COMMON = [
@@ -247,7 +249,10 @@ def test_grpo_step_on_8_devices_equals_one_device(sft_run, sft_model, rollouts):
             cfg.model, cfg.loss, cfg.train, graphdef, mesh=mesh, rules=rules,
             objective=objective, microbatch_weights=weights,
         )  # fmt: skip
-        results.append(step(state, batch))
+        # Compile-bound: unoptimised XLA:CPU code generation (as tests/sharding does).
+        compiled = step.lower(state, batch).compile(compiler_options=FAST_COMPILE)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            results.append(compiled(state, place_batch(batch, mesh, rules)))
     (one, m1), (eight, m8) = results
     assert max(x.sharding.num_devices for x in jax.tree.leaves(eight.params)) == 8
     for key in ("loss", "kl", "clip_fraction", "grad_norm", "entropy"):
