@@ -53,3 +53,16 @@ def test_main_stack_counts_leave_the_mtp_biases_alone():
     np.testing.assert_allclose(new["moe_layers"]["bias"][0], [-0.1, 0.1, 0.1, 0.1])
     np.testing.assert_allclose(new["moe_layers"]["bias"][1], 0.0)
     np.testing.assert_array_equal(new["mtp"]["bias"], biases["mtp"]["bias"])
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo", "grpo"])
+def test_small_post_configs_load(task):
+    import os
+
+    from deepseek_jax.train.config import load_run_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_run_config(os.path.join(repo, "configs", f"train-{task}-small.yaml"))
+    assert cfg.train.task == task
+    assert os.path.isfile(os.path.join(repo, cfg.post.data))
+    assert (cfg.train.init_from is None) == (task == "sft")
