@@ -24,8 +24,10 @@ from deepseek_jax.data import DataConfig
 from deepseek_jax.losses import LossConfig
 from deepseek_jax.sharding.mesh import MeshConfig
 from deepseek_jax.sharding.pipeline import PipelineConfig
+from deepseek_jax.train.post_config import TASKS, PostConfig
 
 Schedule = Literal["v3", "multistep", "cosine", "constant"]
+Task = Literal["pretrain", "sft", "dpo", "grpo"]
 DataLayout = Literal["per_host", "global"]
 DEFAULT_RUN_CONFIG = os.path.join(PRESET_DIR, "train-v3-small.yaml")
 
@@ -48,6 +50,12 @@ class TrainConfig:
     """Optimisation and bookkeeping. Defaults are DeepSeek-V3's (technical report, Sec. 4.2).
 
     Attributes:
+      task: the objective: "pretrain" (next-token + MTP + balance losses on `data`), "sft",
+        "dpo" or "grpo" (post-training on the chat JSONL of `post.data`, see PostConfig).
+      init_from: start from these weights instead of a random initialisation: a hub checkpoint
+        folder, an Orbax checkpoint of `python -m deepseek_jax.convert` or a `train_main.py` run
+        folder (its newest checkpoint); the model config is the checkpoint's. Ignored when the
+        run resumes from its own checkpoint.
       steps: optimizer steps of the run (the schedule's length).
       lr: peak learning rate.
       schedule: "v3" (warm-up, constant, cosine to min_lr, constant), "multistep" (DeepSeek LLM:
@@ -91,6 +99,8 @@ class TrainConfig:
         0 = never stop).
     """
 
+    task: Task = "pretrain"
+    init_from: str | None = None
     steps: int = 10000
     lr: float = 2.2e-4
     schedule: Schedule = "v3"
@@ -129,6 +139,8 @@ class TrainConfig:
     def __post_init__(self):
         c = "TrainConfig"
         _check_finite(self)
+        if self.task not in TASKS:
+            _fail(c, "task", self.task, f"allowed: {list(TASKS)}")
         if self.max_consecutive_skips < 0:
             _fail(c, "max_consecutive_skips", self.max_consecutive_skips, "must be >= 0")
         for name in ("steps", "grad_accum", "log_every"):
@@ -261,6 +273,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     dist: DistConfig = DistConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    post: PostConfig = PostConfig()
 
     def __post_init__(self):
         T, max_pos = self.data.seq_len, self.model.max_position_embeddings
@@ -297,6 +310,28 @@ class RunConfig:
                     "the pipeline's: set pipeline.microbatches)"
                 )
             self.pipeline.build(P)  # validates the schedule's size rules early
+        self._check_post()
+
+    def _check_post(self):
+        task, post = self.train.task, self.post
+        if task == "pretrain":
+            return
+        if post.data is None:
+            raise ValueError(f"train.task={task!r} needs post.data (the chat JSONL file)")
+        if self.mesh.stage > 1:
+            raise ValueError(f"train.task={task!r} does not run on a pipeline (mesh.stage=1)")
+        if task == "grpo":
+            B, G = self.data.global_batch_size, post.group_size
+            if B % G:
+                raise ValueError(
+                    f"data.global_batch_size={B} (completions per step) must be a multiple of "
+                    f"post.group_size={G}"
+                )
+            if post.max_new_tokens >= self.data.seq_len:
+                raise ValueError(
+                    f"post.max_new_tokens={post.max_new_tokens} must be < data.seq_len="
+                    f"{self.data.seq_len} (a row holds the prompt and the completion)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-YAML form (the resolved config saved next to a run)."""
@@ -307,6 +342,12 @@ class RunConfig:
         out["data"]["paths"] = list(out["data"]["paths"])
         for key in ("step_boundaries", "step_factors"):
             out["train"][key] = list(out["train"][key])
+        for key in ("rewards", "reward_weights"):
+            out["post"][key] = list(out["post"][key])
+        if self.train.task == "pretrain":  # pretraining configs read as before post-training
+            del out["post"], out["train"]["task"]
+            if self.train.init_from is None:
+                del out["train"]["init_from"]
         return out
 
 
@@ -319,6 +360,7 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "dist": DistConfig,
     "pipeline": PipelineConfig,
+    "post": PostConfig,
 }
 
 

@@ -11,6 +11,9 @@
   5. steps, logs every `train.log_every` steps, checkpoints every `checkpoint.every` steps, on
      SIGTERM/SIGINT (then stops) and at the end.
 
+`train.task` other than "pretrain" (sft, dpo, grpo) runs train/post_run.py's loop after step 1's
+locking, with the same step, checkpoints and metrics files.
+
 `main(argv)` is `python train_main.py [--config FILE] [section.field=value ...]`.
 """
 
@@ -244,13 +247,37 @@ def run(
             )
     locks = _lock_run(run_dir, ckpt_dir)
     try:
+        if tcfg.task != "pretrain":
+            return _run_post(cfg, run_dir, ckpt_dir, on_step, allow_config_change)
         return _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change)
     finally:
         for lock in locks:
             lock.release()
 
 
+def _run_post(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]:
+    from deepseek_jax.train.post_run import run_post  # imports the generation engine
+
+    signals = StopSignals()
+    with signals:
+        summary = run_post(
+            cfg,
+            run_dir,
+            ckpt_dir,
+            on_step=on_step,
+            allow_config_change=allow_config_change,
+            signals=signals,
+        )
+    summary["stop_signal"] = None if signals.signum is None else signal.Signals(signals.signum).name
+    return summary
+
+
 def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]:
+    init_model = None
+    if cfg.train.init_from is not None:  # continued pretraining from given weights
+        from deepseek_jax.train.post_run import resolve_init
+
+        cfg, init_model = resolve_init(cfg)
     tcfg = cfg.train
     mesh = make_mesh(cfg.mesh)
     rules = get_rules(cfg.mesh.rules)
@@ -306,6 +333,11 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
                 "configured data section"
             ) from e
         _say(f"resumed from step {start} ({ckpt.directory})")
+    elif init_model is not None:
+        from deepseek_jax.train.post_run import state_from_model
+
+        graphdef, state = state_from_model(init_model, cfg, mesh, rules)
+        start = 0
     else:
         graphdef, state = init_train_state(cfg.model, tcfg, seed=tcfg.seed, mesh=mesh, rules=rules)
         start = 0

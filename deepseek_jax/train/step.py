@@ -10,6 +10,10 @@ One step (V3 Sec. 2.1.2 / 2.2 / 4.2):
      counts summed over the global batch. Under `jit` with a batch sharded over data-parallel
      devices that sum is a global all-reduce, so every replica applies the same update.
 
+The loss is an *objective* `(model, batch) -> (loss, (metrics, moe_stats))`: pretraining's
+(`pretrain_objective`: L_main + MTP + balance terms) by default, or a post-training one
+(train/objectives_post.py: SFT, DPO, GRPO) passed as `objective=`.
+
 Mixed precision: parameters (master weights) and optimizer state are float32; the model computes
 in `ModelConfig.dtype` (bf16 on accelerators), casting weights at each use.
 """
@@ -40,6 +44,9 @@ from deepseek_jax.train.optimizer import lr_schedule, make_optimizer
 from deepseek_jax.train.schedule import batch_plan
 
 Batch = dict[str, jax.Array]  # int32 [B, T]: input_ids, labels, loss_mask, segment_ids, positions
+# (model, batch) -> (loss, (metrics, moe_stats)); metrics holds scalars, `tokens` among them.
+Objective = Callable[[DeepSeekModel, Batch], tuple[jax.Array, tuple[dict, Any]]]
+MICROBATCH_WEIGHTS = ("tokens", "rows")
 # Stacks that carry a RoutingBias, in the order their MoEStats are concatenated by the model.
 _MOE_STACKS = ("moe_layers", "mtp")
 
@@ -200,6 +207,35 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else True
 
 
+def pretrain_objective(
+    model: DeepSeekModel, batch: Batch, *, loss_cfg: LossConfig, mtp_lambda=None
+):
+    """Pretraining's loss: L_main + lambda/D sum_k L_MTP^k + balance terms + z-loss (V3 Sec. 2).
+
+    Args:
+      model: the model.
+      batch: int32 [B, T] input_ids, labels and optionally loss_mask, segment_ids, positions.
+      loss_cfg: loss weights.
+      mtp_lambda: overrides loss_cfg.mtp_lambda (the step's schedule; may be traced).
+    Returns:
+      (loss, (metrics, moe_stats)).
+    """
+    out = model(
+        batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
+    )
+    loss, metrics = total_loss(out, batch, model.cfg, loss_cfg, mtp_lambda=mtp_lambda)
+    return loss, (metrics, out.moe_stats)
+
+
+def _tokens_per_row(batch: Batch) -> int:
+    """T summed over the batch's token rows (`input_ids`, or DPO's chosen_ and rejected_ ones)."""
+    return sum(v.shape[1] for k, v in batch.items() if k.endswith("input_ids"))
+
+
+def _rows(batch: Batch) -> int:
+    return next(v.shape[0] for k, v in batch.items() if k.endswith("input_ids"))
+
+
 def make_train_step(
     model_cfg: ModelConfig,
     loss_cfg: LossConfig,
@@ -211,6 +247,8 @@ def make_train_step(
     donate: bool = True,
     pipeline: PipelineConfig | None = None,
     data: DataConfig | None = None,
+    objective: Objective | None = None,
+    microbatch_weights: str = "tokens",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the jitted `step(state, batch) -> (state, metrics)`.
 
@@ -225,6 +263,13 @@ def make_train_step(
         from the pipeline executor (deepseek_jax/sharding/pipeline.py) over that axis.
       data: the run's data config: its batch-size ramp turns steps into tokens for the "v3"
         learning rate and the token thresholds (train/schedule.py); None = B x T per step.
+      objective: the loss, `(model, batch) -> (loss, (metrics, moe_stats))`; None =
+        `pretrain_objective` with loss_cfg and the scheduled MTP lambda. A post-training
+        objective's batch may hold [B] arrays (e.g. DPO's reference log-probs); under a mesh every
+        leaf is split over the batch axes along its first dimension.
+      microbatch_weights: how `grad_accum` micro-batches are weighted: "tokens" (by their
+        `loss_mask` sums: exact for a token-mean loss) or "rows" (equally: exact for a mean over
+        rows, e.g. DPO or GRPO's per-sequence mean).
     Returns:
       A jitted function. `batch` holds int32 [B, T] `input_ids`, `labels` and optionally
       `loss_mask`, `segment_ids`, `positions`; B must divide by `train_cfg.grad_accum`. Metrics
@@ -232,6 +277,8 @@ def make_train_step(
       the busiest / idlest expert over the mean load) and `dropped` ([L]), and `expert_load`
       ([L, E], each expert's share of its layer's token-expert assignments).
     """
+    if microbatch_weights not in MICROBATCH_WEIGHTS:
+        raise ValueError(f"{microbatch_weights=} is invalid: allowed {MICROBATCH_WEIGHTS}")
     optimizer = make_optimizer(train_cfg, data)
     schedule = lr_schedule(train_cfg, data)
     plan = None if data is None else batch_plan(data)
@@ -239,13 +286,9 @@ def make_train_step(
 
     def loss_fn(params, biases, other, batch, mtp_lambda):
         model = nnx.merge(graphdef, params, biases, other)
-        out = model(
-            batch["input_ids"],
-            positions=batch.get("positions"),
-            segment_ids=batch.get("segment_ids"),
-        )
-        loss, metrics = total_loss(out, batch, model_cfg, loss_cfg, mtp_lambda=mtp_lambda)
-        return loss, (metrics, out.moe_stats)
+        if objective is None:
+            return pretrain_objective(model, batch, loss_cfg=loss_cfg, mtp_lambda=mtp_lambda)
+        return objective(model, batch)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -265,6 +308,8 @@ def make_train_step(
 
     pipe = None
     if pipeline is not None and mesh is not None and mesh.shape.get("stage", 1) > 1:
+        if objective is not None:
+            raise ValueError("the pipeline executor runs the pretraining objective only")
         pipe = pipeline.build(mesh.shape["stage"])
 
     def pipelined(state: TrainState, batch: Batch, lam):
@@ -288,9 +333,12 @@ def make_train_step(
             dropped = None if stats is None else stats.dropped
             return loss, grads, metrics, counts, dropped
         micro = split_microbatches(batch, accum)  # [A, B/A, T]
-        mask = micro.get("loss_mask", jnp.ones_like(micro["labels"]))
-        ntok = mask.reshape(accum, -1).sum(-1).astype(jnp.float32)  # [A]
-        weights = ntok / jnp.maximum(ntok.sum(), 1.0)  # exact token mean for the main loss
+        if microbatch_weights == "rows":
+            weights = jnp.full((accum,), 1.0 / accum, jnp.float32)
+        else:
+            mask = micro.get("loss_mask", jnp.ones_like(micro["labels"]))
+            ntok = mask.reshape(accum, -1).sum(-1).astype(jnp.float32)  # [A]
+            weights = ntok / jnp.maximum(ntok.sum(), 1.0)  # exact token mean for the main loss
 
         def body(g_acc, xs):
             mb, w = xs
@@ -310,8 +358,7 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch):
         with _contexts(None, rules):
-            B, T = batch["input_ids"].shape
-            gamma, lam = schedules(state, B * T)
+            gamma, lam = schedules(state, _rows(batch) * _tokens_per_row(batch))
             loss, grads, metrics, counts, dropped = grads_and_metrics(state, batch, lam)
             grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -321,7 +368,7 @@ def make_train_step(
             finite = finite & all_finite((params, opt_state))  # e.g. lr=nan: finite grads
             biases = state.biases
             if counts is not None and jax.tree.leaves(biases):
-                biases = update_biases(biases, counts, gamma)
+                biases = update_biases(biases, _pad_layers(counts, biases), gamma)
 
             def keep(new, old):  # a non-finite step leaves everything as it was
                 return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -359,26 +406,52 @@ def make_train_step(
         jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
     else:
         shardings = train_state_shardings(model_cfg, train_cfg, mesh, rules or {})
+        # The pretraining batch is all [B, T]; another objective's may mix ranks, so its leaves
+        # are placed one by one (`place_batch`) and jit takes their shardings as they come.
+        batch_in = batch_sharding(mesh, rules or {}) if objective is None else None
         jitted = jax.jit(
             step,
-            in_shardings=(shardings, batch_sharding(mesh, rules or {})),
+            in_shardings=(shardings, batch_in),
             out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
             donate_argnums=(0,) if donate else (),
         )
-    return _MeshBound(jitted, mesh, rules)
+    return _MeshBound(jitted, mesh, rules, place=objective is not None)
+
+
+def _pad_layers(counts: jax.Array, biases: dict) -> jax.Array:
+    """Expert counts of the main stack only (DPO / GRPO skip the MTP modules) get zero rows for
+    the MTP layers, whose biases then stay as they are (sign(0 - 0) = 0)."""
+    total = sum(b.shape[0] for b in jax.tree.leaves(biases))
+    if counts.shape[0] < total:
+        counts = jnp.pad(counts, ((0, total - counts.shape[0]), (0, 0)))
+    return counts
+
+
+def place_batch(batch: Batch, mesh: Mesh | None, rules: dict | None) -> Batch:
+    """Puts every leaf of a batch on `mesh`, its first (row) axis over the rules' batch axes."""
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    spec = batch_sharding(mesh, rules or {}).spec
+    return {
+        k: jax.device_put(v, NamedSharding(mesh, PartitionSpec(spec[0], *[None] * (v.ndim - 1))))
+        for k, v in batch.items()
+    }
 
 
 class _MeshBound:
     """A jitted function that is traced and run under `jax.set_mesh(mesh)` (which cannot be
     entered inside jit), so the model's bare-PartitionSpec constraints resolve against `mesh`."""
 
-    def __init__(self, jitted, mesh: Mesh | None, rules: dict | None):
-        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+    def __init__(self, jitted, mesh: Mesh | None, rules: dict | None, place: bool = False):
+        self.jitted, self.mesh, self.rules, self.place = jitted, mesh, rules, place
+
+    def _args(self, state, batch):
+        return state, place_batch(batch, self.mesh, self.rules) if self.place else batch
 
     def __call__(self, *args):
         with _contexts(self.mesh, self.rules):
-            return self.jitted(*args)
+            return self.jitted(*self._args(*args))
 
     def lower(self, *args):
         with _contexts(self.mesh, self.rules):
-            return self.jitted.lower(*args)
+            return self.jitted.lower(*self._args(*args))
