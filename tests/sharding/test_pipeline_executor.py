@@ -106,9 +106,9 @@ def test_lockstep_tables_cover_every_op_once():
     assert tab.num_steps < max(len(r) for r in sched.ranks) * 2
 
 
-@pytest.mark.parametrize(
-    "name, PP, n_mb", [("1F1B", 2, 2), ("ZB1P", 4, 4), ("DualPipe", 2, 4), ("DualPipe", 4, 8)]
-)
+# 1F1B on 2 stages of the DeepSeek model is held by tests/train/test_pipeline_train.py (three
+# optimizer steps equal the plain step's); every schedule runs on 2, 4 and 8 toy stages above.
+@pytest.mark.parametrize("name, PP, n_mb", [("ZB1P", 4, 4), ("DualPipe", 2, 4), ("DualPipe", 4, 8)])
 def test_deepseek_model_pipelined_equals_plain(name, PP, n_mb):
     """MoE layers across stages, embedding + dense layer on the first, head + MTP on the last."""
     from flax import nnx
