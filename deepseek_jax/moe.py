@@ -73,7 +73,8 @@ def routed_dropless(
 
     Args:
       x: [M, D] tokens; r: routing with weights/experts [M, K].
-      w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D], in x.dtype or FP32 master weights (the
+        blocked path then returns FP32 weight gradients, V3 Sec. 3.3.3).
       fp8: V3 FP8 recipe (always the grouped kernels, as are stored `Fp8Weight` experts).
       gmm: "blocked" (kernels/block_grouped_matmul.py: tiles of one expert, routed FLOPs plus
         padding), "grouped" (`grouped_matmul`: ragged_dot / Pallas) or "auto" (blocked on CPU,
@@ -89,6 +90,8 @@ def routed_dropless(
     if gmm == "blocked" and not fp8 and not stored_fp8:
         # Stored FP8 serving weights always take the grouped kernels, which dequantise per tile.
         return routed_blocked(x, r, w_gate, w_up, w_down)
+    if not stored_fp8:  # the grouped kernels take weights in the compute dtype
+        w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))
     M, K = r.experts.shape
     E = w_gate.shape[0]
     flat = r.experts.reshape(-1)  # [M*K]
@@ -101,7 +104,14 @@ def routed_dropless(
 
 
 def routed_blocked(x: jax.Array, r: Routing, w_gate, w_up, w_down) -> jax.Array:
-    """Dropless routed experts as block-sparse tile products (same contract as routed_dropless)."""
+    """Dropless routed experts as block-sparse tile products (same contract as routed_dropless).
+
+    FP32 (master) weights stay FP32 here: `block_gmm` casts each tile's weight to x.dtype and
+    accumulates the weight gradient in FP32, so a BF16-compute step never rounds dW to BF16.
+    """
+    w_gate, w_up, w_down = (
+        w if w.dtype == jnp.float32 else w.astype(x.dtype) for w in (w_gate, w_up, w_down)
+    )
     M, K = r.experts.shape
     E, F = w_gate.shape[0], w_gate.shape[2]
     layout = block_layout(r.experts.reshape(-1), E, choose_block(M * K, E))
@@ -236,7 +246,7 @@ class MoE(nnx.Module):
         if stored_fp8:  # the grouped FP8 GEMM consumes the stored blocks (fp8_weights.py)
             if impl != "dropless":
                 raise ValueError(f"MoE: FP8 serving weights need moe_impl='dropless', got {impl!r}")
-        else:
+        elif impl != "dropless":  # routed_dropless casts itself; its CPU path keeps FP32 dW
             ws = tuple(w.astype(dt) for w in ws)
         dropped = jnp.zeros((), jnp.float32)
         if impl == "dropless":

@@ -185,3 +185,32 @@ def test_weight_gradient_is_fp32_accumulated_under_bf16_compute():
     assert dw.dtype == jnp.float32
     expect = np.asarray(x, np.float64).T @ np.asarray(g, np.float64)  # V3 Sec. 3.3.3: FP32 dW
     assert_close(dw, expect, jnp.float32)
+
+
+def test_routed_expert_weight_gradient_is_fp32_on_the_blocked_path():
+    """The CPU dropless path (block-sparse tiles) takes the FP32 master expert weights: each tile's
+    product runs in BF16, and dW = x^T dy accumulates and stays in FP32."""
+    from deepseek_jax.kernels import block_grouped_matmul as bgm
+
+    rng = np.random.default_rng(0)
+    E, K, N, R = 4, 32, 16, 40
+    groups = jnp.asarray(rng.integers(0, E, size=R), jnp.int32)
+    layout = bgm.block_layout(groups, E, 8)
+    P = layout.source.shape[0]
+    real = np.asarray(layout.source) < R  # padding slots hold zero rows
+    xs = jnp.asarray(rng.normal(size=(P, K)) * real[:, None], jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(P, N)) * real[:, None], jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(E, K, N)), jnp.bfloat16).astype(jnp.float32)
+
+    def f(w):
+        return (bgm.block_gmm(xs, w, layout).astype(jnp.float32) * dy.astype(jnp.float32)).sum()
+
+    dw = jax.grad(f)(w)
+    assert dw.dtype == jnp.float32
+    tile_of = np.repeat(np.asarray(layout.tile_group), layout.block)  # [P] group of each slot
+    x64, dy64 = np.asarray(xs, np.float64), np.asarray(dy, np.float64)
+    expect = np.stack([x64[tile_of == e].T @ dy64[tile_of == e] for e in range(E)])
+    assert_close(dw, expect, jnp.float32)  # BF16-rounded dW (8 mantissa bits) fails this
+    # and the old way, BF16 weights, rounds it:
+    dw16 = jax.grad(lambda w: f(w.astype(jnp.bfloat16).astype(jnp.float32)))(w)
+    assert np.abs(np.asarray(dw16) - expect).max() > 10 * np.abs(np.asarray(dw) - expect).max()

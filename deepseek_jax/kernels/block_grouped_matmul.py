@@ -186,7 +186,7 @@ def _scan_gmm(xs, w, tile_group, used):
 
     def body(_, inp):
         x_t, g, live = inp  # [b, K], [], []
-        w_g = lax.dynamic_index_in_dim(w, g, keepdims=False)  # [K, N]
+        w_g = lax.dynamic_index_in_dim(w, g, keepdims=False).astype(xs.dtype)  # [K, N]
         out = lax.cond(
             live, lambda: jnp.dot(x_t, w_g, preferred_element_type=jnp.float32), lambda: zeros
         )
@@ -211,7 +211,7 @@ def _block_gmm_bwd(res, dy):
     dy = dy.astype(xs.dtype)
     # dx = dy @ w[g]^T, tile by tile; dw[g] += x_t^T dy_t accumulates in a carried [E, K, N]
     # (tiles of a group are consecutive, updated in place: no scatter).
-    dx = _scan_gmm(dy, w.transpose(0, 2, 1), tile_group, used)
+    dx = _scan_gmm(dy, w.transpose(0, 2, 1), tile_group, used)  # in xs.dtype
 
     def body(dw, inp):
         x_t, dy_t, g, live = inp
@@ -238,7 +238,9 @@ def block_gmm(xs: jax.Array, w: jax.Array, layout: BlockLayout) -> jax.Array:
 
     Args:
       xs: [P, K] slots, P = T * block, tiles of one group each (`dispatch`).
-      w: [E, K, N], same dtype as xs.
+      w: [E, K, N] in xs.dtype, or FP32 master weights under a lower-precision xs: each tile's
+        weight is cast to xs.dtype for the product, and the weight gradient accumulates in FP32
+        and is returned in w.dtype (V3 Sec. 3.3.3: FP32 weight gradients, never rounded to BF16).
       layout: the `block_layout` that placed the rows.
     Returns:
       [P, N] in xs.dtype (fp32 accumulation); zero rows for padding slots.
@@ -248,6 +250,6 @@ def block_gmm(xs: jax.Array, w: jax.Array, layout: BlockLayout) -> jax.Array:
     (T,) = layout.tile_group.shape
     if xs.shape[0] != T * layout.block:
         raise ValueError(f"xs rows {xs.shape[0]} must equal {T} tiles x block {layout.block}")
-    if xs.dtype != w.dtype:
-        raise TypeError(f"xs.dtype={xs.dtype} must equal w.dtype={w.dtype}")
+    if xs.dtype != w.dtype and w.dtype != jnp.float32:
+        raise TypeError(f"xs.dtype={xs.dtype} must equal w.dtype={w.dtype} (or w be float32)")
     return _block_gmm(xs, w, layout.tile_group, layout.tiles_used)

@@ -138,6 +138,6 @@ def test_errors_name_the_operands():
     with pytest.raises(ValueError, match="must equal 4 tiles x block 8"):
         bgm.block_gmm(jnp.zeros((16, D)), jnp.zeros((E, D, F)), lay)
     with pytest.raises(TypeError, match="xs.dtype"):
-        bgm.block_gmm(jnp.zeros((32, D), jnp.bfloat16), jnp.zeros((E, D, F)), lay)
+        bgm.block_gmm(jnp.zeros((32, D)), jnp.zeros((E, D, F), jnp.bfloat16), lay)
     with pytest.raises(ValueError, match="gmm='ragged'"):
         routed_dropless(jnp.zeros((2, D)), _routing("single"), *_moe_case(), gmm="ragged")
