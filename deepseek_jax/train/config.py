@@ -89,6 +89,11 @@ class TrainConfig:
       max_consecutive_skips: stop the run with an error after this many consecutive steps were
         skipped for a non-finite loss, gradient or update (the last good checkpoint is kept;
         0 = never stop).
+      trainable: "all", or "mtp" to train only the MTP modules on a frozen main model (every
+        other parameter gets a zero update; train/trainable.py). Needs bias_update_speed 0, so
+        that the main model's routing biases stay as they are too.
+      init_from: a run folder (or hub / Orbax folder) whose weights start a fresh run; weights
+        it lacks keep their initialisation. Ignored when the run resumes from its checkpoint.
     """
 
     steps: int = 10000
@@ -125,10 +130,21 @@ class TrainConfig:
     peak_flops: float | None = None
     scaling_compute: float | None = None
     max_consecutive_skips: int = 10
+    trainable: Literal["all", "mtp"] = "all"
+    init_from: str | None = None
 
     def __post_init__(self):
         c = "TrainConfig"
         _check_finite(self)
+        if self.trainable not in ("all", "mtp"):
+            _fail(c, "trainable", self.trainable, "allowed: ['all', 'mtp']")
+        if self.trainable == "mtp" and self.bias_update_speed != 0:
+            _fail(
+                c,
+                "bias_update_speed",
+                self.bias_update_speed,
+                "must be 0 with trainable=mtp (the frozen main model's routing biases would move)",
+            )
         if self.max_consecutive_skips < 0:
             _fail(c, "max_consecutive_skips", self.max_consecutive_skips, "must be >= 0")
         for name in ("steps", "grad_accum", "log_every"):

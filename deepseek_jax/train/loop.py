@@ -48,6 +48,7 @@ from deepseek_jax.train.step import (
     make_train_step,
     train_state_shardings,
 )
+from deepseek_jax.train.trainable import load_initial_params
 
 
 def _say(msg: str) -> None:
@@ -309,6 +310,9 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
     else:
         graphdef, state = init_train_state(cfg.model, tcfg, seed=tcfg.seed, mesh=mesh, rules=rules)
         start = 0
+        if tcfg.init_from is not None:
+            state, n_in, n_new = load_initial_params(state, graphdef, tcfg.init_from)
+            _say(f"init_from {tcfg.init_from}: {n_in} arrays loaded, {n_new} freshly initialised")
     step_fn = make_train_step(
         cfg.model,
         cfg.loss,
