@@ -67,15 +67,17 @@ def bench(model, prompts, ks, new):
 
     plain = timed()
     rate0 = plain.stats["decode_tokens_per_s"]
-    rows.append((B, "plain", "-", "-", rate0, 1.0, True))
+    total0 = plain.stats["prefill_s"] + plain.stats["decode_s"]
+    rows.append((B, "plain", "-", "-", rate0, 1.0, total0, True))
     for k in ks:
         res = timed(draft="mtp", num_draft_tokens=k)
         s = res.stats["speculative"]
         per = " / ".join(f"{a:.2f}" for a in s["acceptance_per_position"])
         rate = res.stats["decode_tokens_per_s"]
         same = res.tokens == plain.tokens
+        total = res.stats["prefill_s"] + res.stats["decode_s"]
         rows.append((B, f"mtp k={k}", per, f"{s['mean_accepted_length']:.2f}", rate,
-                     rate / rate0, same))  # fmt: skip
+                     rate / rate0, total, same))  # fmt: skip
     return rows
 
 
@@ -97,16 +99,16 @@ def main():
     print(f"\nmachine: {platform.machine()} {jax_devices()}, prompts: held-out "
           f"{args.prompt_len} tokens, {args.new} new tokens, greedy\n")  # fmt: skip
     print("| checkpoint | batch | decoding | acceptance per position | mean accepted length "
-          "| decode tok/s | speed-up | tokens = plain |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "| decode tok/s | speed-up | prefill + decode s | tokens = plain |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         model, tokenizer, step = load_run(r)
         for B in args.batches:
             for row in bench(model, held_out_prompts(tokenizer, B, args.prompt_len), args.ks,
                              args.new):  # fmt: skip
-                B_, name, per, mal, rate, speed, same = row
+                B_, name, per, mal, rate, speed, total, same = row
                 print(f"| {r.name} (step {step}) | {B_} | {name} | {per} | {mal} | {rate:.1f} "
-                      f"| {speed:.2f}x | {same} |", flush=True)  # fmt: skip
+                      f"| {speed:.2f}x | {total:.2f} | {same} |", flush=True)  # fmt: skip
 
 
 def jax_devices() -> str:

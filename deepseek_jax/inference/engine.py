@@ -309,8 +309,9 @@ def generate_stream(
 
     Concatenating a row's chunks gives exactly `generate`'s tokens and log-probs for the same
     arguments (the same programs and random streams run; stop strings are checked between
-    chunks). `chunk_size=None` decodes everything in one device call. `stats`, when given, is
-    filled with the run's statistics.
+    chunks). `chunk_size=None` decodes everything in one device call; with draft="mtp" a chunk
+    is `chunk_size` verify steps (up to num_draft_tokens + 1 tokens per row each). `stats`, when
+    given, is filled with the run's statistics.
     """
     cfg = model.cfg
     if draft not in (None, "mtp"):

@@ -70,11 +70,16 @@ def token_probs(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     B, T, V = logits.shape
     flat = logits.reshape(B * T, V)
     rep = lambda a: jnp.repeat(a, T)  # noqa: E731  [B] -> [B * T]
-    order, kept = filtered_logits(flat, rep(temperature), rep(top_k), rep(top_p))
-    rows = jnp.arange(B * T)[:, None]
-    probs = jnp.zeros_like(flat).at[rows, order].set(jax.nn.softmax(kept, axis=-1))
     greedy = jax.nn.one_hot(jnp.argmax(flat, axis=-1), V, dtype=flat.dtype)
-    probs = jnp.where(rep(temperature)[:, None] > 0, probs, greedy)
+
+    def filtered(_):
+        order, kept = filtered_logits(flat, rep(temperature), rep(top_k), rep(top_p))
+        rows = jnp.arange(B * T)[:, None]
+        probs = jnp.zeros_like(flat).at[rows, order].set(jax.nn.softmax(kept, axis=-1))
+        return jnp.where(rep(temperature)[:, None] > 0, probs, greedy)
+
+    # An all-greedy batch skips the sort over the vocabulary.
+    probs = jax.lax.cond(jnp.any(temperature > 0), filtered, lambda _: greedy, None)
     return probs.reshape(B, T, V)
 
 
