@@ -6,7 +6,7 @@ the MTP-only recipe (configs/train-mtp-draft-small.yaml: frozen main model) for 
 steps, and benchmarks both checkpoints. Prompts are the first `--prompt-len` tokens of held-out
 documents (data/pydoc_valid.jsonl). For each batch size and k it prints acceptance per draft
 position, mean accepted length (tokens per verify step) and decode tokens/s (greedy; the second
-of two identical calls is timed, so compilation is excluded), next to plain decoding, and checks
+of 3 identical calls after a compiling one is kept), next to plain decoding, and checks
 that the speculative tokens equal the plain ones.
 
     python bench/bench_speculative.py --steps 300 --mtp-steps 100          # CPU, ~v3-small
@@ -61,9 +61,10 @@ def bench(model, prompts, ks, new):
     rows = []
     B = len(prompts)
 
-    def timed(**kw):
-        generate(model, prompts, max_new_tokens=new, **kw)  # compile
-        return generate(model, prompts, max_new_tokens=new, **kw)
+    def timed(**kw):  # the fastest of 3 calls after the compiling one (a shared, loaded CPU)
+        generate(model, prompts, max_new_tokens=new, **kw)
+        runs = [generate(model, prompts, max_new_tokens=new, **kw) for _ in range(3)]
+        return min(runs, key=lambda r: r.stats["decode_s"])
 
     plain = timed()
     rate0 = plain.stats["decode_tokens_per_s"]
