@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -90,3 +91,36 @@ def test_init_from_a_run_then_train_only_mtp(tmp_path):
     assert any(
         np.any(x != y) for x, y in zip(jax.tree.leaves(mtp_a), jax.tree.leaves(mtp_b), strict=True)
     )
+
+
+def test_mtp_self_distillation_loss_by_hand():
+    """loss.mtp_distill=w: depth k at position i learns (1-w) * CE(t_{i+k+1}) + w * CE(p_main at
+    position i+k), checked against a numpy loop."""
+    from deepseek_jax.losses import LossConfig, lm_loss
+    from deepseek_jax.model import ModelOutput
+
+    rng = np.random.default_rng(0)
+    B, T, V, w = 2, 6, 5, 0.7
+    logits, mtp = rng.normal(size=(B, T, V)), rng.normal(size=(1, B, T, V))
+    labels = rng.integers(0, V, (B, T))
+    mask = np.ones((B, T), np.int32)
+    mask[0, 4] = 0
+    out = ModelOutput(jnp.asarray(logits), jnp.asarray(mtp), None)
+    batch = {"labels": jnp.asarray(labels), "loss_mask": jnp.asarray(mask)}
+    _, m = lm_loss(out, batch, LossConfig(mtp_distill=w))
+
+    def log_softmax(x):
+        x = x - x.max()
+        return x - np.log(np.exp(x).sum())
+
+    total, n = 0.0, 0
+    for b in range(B):
+        for i in range(T - 1):
+            if mask[b, i] and mask[b, i + 1]:
+                logq = log_softmax(mtp[0, b, i])
+                hard = -logq[labels[b, i + 1]]
+                soft = -(np.exp(log_softmax(logits[b, i + 1])) * logq).sum()
+                total, n = total + (1 - w) * hard + w * soft, n + 1
+    np.testing.assert_allclose(float(m["mtp_loss"]), total / n, rtol=1e-5)
+    with pytest.raises(ValueError, match="mtp_distill"):
+        LossConfig(mtp_distill=1.5)
