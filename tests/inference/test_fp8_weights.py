@@ -177,9 +177,7 @@ def _greedy(graphdef, state, prompt, steps: int):
 
     def step(carry, i):  # feeds the prompt one token at a time, then its own argmax
         caches, tok = carry
-        logits, caches = model.decode(
-            tok[:, None], caches, jnp.full((B, 1), i, jnp.int32)
-        )  # [B, 1, V]
+        logits, caches = model.decode(tok[:, None], caches, jnp.full((B, 1), i, jnp.int32))  # [B, 1, V]
         greedy = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
         nxt = jnp.where(i + 1 < T, padded[:, i + 1], greedy)
         return (caches, nxt), (logits[:, -1], nxt)
