@@ -37,6 +37,10 @@ class LossConfig:
     device_balance_alpha: float = 0.0  # V2 alpha_2 (0.05)
     comm_balance_alpha: float = 0.0  # V2 alpha_3 (0.02)
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2)
+    # MTP self-distillation: the target of depth k at position i mixes the data token t_{i+k+1}
+    # (weight 1 - mtp_distill) with the main model's own distribution at position i+k (the one
+    # speculative decoding verifies against; no gradient into the main model through it).
+    mtp_distill: float = 0.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -44,6 +48,8 @@ class LossConfig:
                 raise ValueError(f"LossConfig.{f.name}={getattr(self, f.name)} must be finite")
             if getattr(self, f.name) < 0:
                 raise ValueError(f"LossConfig.{f.name}={getattr(self, f.name)} must be >= 0")
+        if self.mtp_distill > 1:
+            raise ValueError(f"LossConfig.mtp_distill={self.mtp_distill} must be in [0, 1]")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None):
@@ -78,6 +84,18 @@ def mtp_targets(labels, mask, segment_ids, depth: int):
         )
         shifted_m = shifted_m * (seg_next == segment_ids)
     return shifted, shifted_m * m
+
+
+def _distill(logits, mtp_logits, mask, depth: int) -> jax.Array:
+    """Mean over counted positions i of CE(p_main(. | t_<=i+depth), q_mtp(. | position i)).
+
+    logits, mtp_logits [B, T, V]; mask [B, T] from `mtp_targets` (0 where i+depth is invalid).
+    """
+    teacher = jax.lax.stop_gradient(jax.nn.softmax(logits[:, depth:].astype(jnp.float32), -1))
+    logq = jax.nn.log_softmax(mtp_logits[:, :-depth].astype(jnp.float32), -1)
+    ce = -(teacher * logq).sum(-1)  # [B, T - depth]
+    m = mask[:, :-depth].astype(jnp.float32)
+    return (ce * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
 def _over_sequences(value: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -168,7 +186,11 @@ def lm_loss(out, batch: dict, lcfg: LossConfig, mtp_lambda=None):
         mtp = 0.0
         for k in range(depth):
             lab_k, mask_k = mtp_targets(labels, mask, seg, k + 1)
-            mtp = mtp + cross_entropy(out.mtp_logits[k], lab_k, mask_k)[0]
+            mtp_k = cross_entropy(out.mtp_logits[k], lab_k, mask_k)[0]
+            if lcfg.mtp_distill > 0:
+                w = lcfg.mtp_distill
+                mtp_k = (1 - w) * mtp_k + w * _distill(out.logits, out.mtp_logits[k], mask_k, k + 1)
+            mtp = mtp + mtp_k
         mtp = mtp / depth
         loss = loss + lam * mtp
         metrics["mtp_loss"] = mtp

@@ -154,6 +154,13 @@ class MTPModule(nnx.Module):
         h, stats = self.block(h, positions, segment_ids, token_mask, moe_impl)
         return h, self.norm(h), stats
 
+    def decode(self, h_prev, emb_next, positions, cache: LatentCache | KVCache):
+        """The same over the module's own attention cache: -> (h^k, normalised h^k, cache)."""
+        x = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1)  # [B, T, 2D]
+        h = linear(x, self.eh_proj[...], self.cfg).astype(h_prev.dtype)  # [B, T, D]
+        h, cache = self.block.decode(h, positions, cache)
+        return h, self.norm(h), cache
+
 
 class DeepSeekModel(nnx.Module):
     """DeepSeek-V2/V3 causal LM. `model(input_ids)` -> ModelOutput."""
@@ -315,6 +322,19 @@ class DeepSeekModel(nnx.Module):
         Returns:
           (logits [B, T, V] fp32, updated caches).
         """
+        h, new = self.decode_hidden(input_ids, caches, positions, moe_impl)
+        return self.head(self.norm(h)), new
+
+    def decode_hidden(
+        self,
+        input_ids: jax.Array,
+        caches: list[LatentCache | KVCache],
+        positions: jax.Array,
+        moe_impl: str = "dropless",
+    ):
+        """`decode` without the final norm and head: -> (last hidden h^0 [B, T, D], caches).
+
+        h^0 is what the MTP modules take as h^{k-1} for k = 1 (speculative drafting)."""
         positions = jnp.asarray(positions, jnp.int32)
         if positions.shape != input_ids.shape:
             raise ValueError(
@@ -331,4 +351,27 @@ class DeepSeekModel(nnx.Module):
         for layers, cache in zip(stacks, caches, strict=True):
             h, c = scan_layers(layers, h, layer_fn, tuple(cache), remat="none", unroll=False)
             new.append(kind(*c))
-        return self.head(self.norm(h)), new
+        return h, new
+
+    def init_mtp_caches(self, batch: int, max_len: int, dtype=jnp.float32) -> list:
+        """One attention cache per MTP module ([B, S, ...] each, unstacked)."""
+        cfg = self.cfg
+        make = init_cache if cfg.attention_type == "mla" else init_kv_cache
+        return [make(cfg, batch, max_len, dtype) for _ in range(cfg.num_nextn_predict_layers)]
+
+    def mtp_decode(self, m: int, h_prev, next_ids, positions, cache):
+        """MTP module m (0-based, depth k = m + 1) over its own cache (speculative drafting).
+
+        Args:
+          m: module index; h_prev: h^{k-1} [B, T, D] (h^0 = `decode_hidden`'s output);
+          next_ids: [B, T] the tokens t_{i+k}; positions: [B, T] int32 (= cache slots);
+          cache: this module's cache from `init_mtp_caches`.
+        Returns:
+          (fp32 logits of t_{i+k+1} [B, T, V], h^k [B, T, D], updated cache).
+        """
+        graphdef, state = nnx.split(self.mtp)
+        module = nnx.merge(graphdef, jax.tree.map(lambda a: a[m], state))
+        h, normed, cache = module.decode(
+            h_prev, self._embed(next_ids), jnp.asarray(positions, jnp.int32), cache
+        )
+        return self.head(normed), h, cache

@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bos", action="store_true", help="start each prompt with the bos token")
     p.add_argument("--cache-dtype", default=None, help="float32 | bfloat16 | int8 | float8_e4m3fn")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--draft", default=None, choices=["mtp"], help="speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, default=1, help="tokens drafted per step")
     return p
 
 
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer=tokenizer,
         cache_dtype=args.cache_dtype,
         chunk_size=4 if args.stream else None,
+        draft=args.draft,
+        num_draft_tokens=args.num_draft_tokens,
         stats=stats,
     )
     outputs = [[] for _ in prompts]
@@ -163,4 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{stats['decode_tokens_per_s']:.1f} tok/s, {stats['compilations']} compilations]",
         file=sys.stderr,
     )
+    if "speculative" in stats:
+        sp = stats["speculative"]
+        per_pos = ", ".join(f"{r:.2f}" for r in sp["acceptance_per_position"])
+        print(
+            f"[draft mtp k={sp['num_draft_tokens']}: acceptance per position [{per_pos}], "
+            f"mean accepted length {sp['mean_accepted_length']:.2f} tokens/step, "
+            f"{sp['drafted_tokens']} drafted, {sp['accepted_tokens']} accepted, "
+            f"{stats['generated_tokens']} emitted]",
+            file=sys.stderr,
+        )
     return 0

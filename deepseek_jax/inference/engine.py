@@ -14,8 +14,9 @@ Shapes are bucketed (batch, prompt length, cache length and output width rounded
 two) so that prompts of different lengths and sampling parameters of different values reuse the
 same programs; `stats["compilations"]` counts the programs traced by a call.
 
-The loop body is `_step`: a speculative-decoding step (draft k tokens with the MTP modules,
-verify them in one forward) replaces it, writing up to k + 1 tokens per row per iteration.
+The loop body is `_step`; with `draft="mtp"` the programs of inference/speculative.py replace
+both (draft k tokens with the MTP modules, verify them in one forward, write up to k + 1 tokens
+per row per iteration) and the loop counts verify steps.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from deepseek_jax.inference import speculative
 from deepseek_jax.inference.sampling import sample
 from deepseek_jax.mla import QUANTIZED_CACHE_DTYPES, LatentCache
 from deepseek_jax.sharding.logical import activation_spec
@@ -307,22 +309,30 @@ def generate_stream(
 
     Concatenating a row's chunks gives exactly `generate`'s tokens and log-probs for the same
     arguments (the same programs and random streams run; stop strings are checked between
-    chunks). `chunk_size=None` decodes everything in one device call. `stats`, when given, is
-    filled with the run's statistics.
+    chunks). `chunk_size=None` decodes everything in one device call; with draft="mtp" a chunk
+    is `chunk_size` verify steps (up to num_draft_tokens + 1 tokens per row each). `stats`, when
+    given, is filled with the run's statistics.
     """
-    if draft is not None:
-        raise ValueError(
-            f"draft={draft!r}: speculative decoding is not implemented yet; use draft=None"
-        )
-    if num_draft_tokens != 1:
-        raise ValueError(f"num_draft_tokens={num_draft_tokens} needs draft=...; use 1")
+    cfg = model.cfg
+    if draft not in (None, "mtp"):
+        raise ValueError(f"draft={draft!r}: allowed None or 'mtp'")
+    if draft is None and num_draft_tokens != 1:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens} needs draft='mtp'; use 1")
+    if draft == "mtp":
+        if cfg.num_nextn_predict_layers < 1 or cfg.attention_type != "mla":
+            raise ValueError(
+                "draft='mtp' needs MTP modules (num_nextn_predict_layers >= 1) and MLA; the "
+                f"model has num_nextn_predict_layers={cfg.num_nextn_predict_layers}, "
+                f"attention_type={cfg.attention_type!r}"
+            )
+        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be a positive integer")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be a positive integer or None")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer= to decode the generated tokens")
-    cfg = model.cfg
     limit, limit_name = cfg.max_position_embeddings, "max_position_embeddings"
     if max_len is not None and max_len < limit:
         limit, limit_name = max_len, "max_len (the cache length)"
@@ -352,20 +362,24 @@ def generate_stream(
 
     traces0 = _TRACES["count"]
     t0 = time.perf_counter()
-    carry = _prefill(
-        graphdef,
-        state,
-        jnp.asarray(ids),
-        lens_arr,
+    prefill_args = dict(
         max_len=S,
         out_len=out_len,
         cache_dtype=_resolve_cache_dtype(cache_dtype, model),
         mesh=mesh,
         rules=rules_key,
     )
+    if draft == "mtp":
+        decode = speculative.spec_decode
+        carry = speculative.spec_prefill(
+            graphdef, state, jnp.asarray(ids), lens_arr, sp, K=num_draft_tokens, **prefill_args
+        )
+    else:
+        decode = _decode
+        carry = _prefill(graphdef, state, jnp.asarray(ids), lens_arr, **prefill_args)
     if bp > n:
         carry = carry._replace(done=carry.done.at[n:].set(True))
-    jax.block_until_ready(carry.next_logits)
+    jax.block_until_ready(carry.count)
     t1 = time.perf_counter()
 
     sent = [0] * n  # tokens already yielded per row
@@ -373,7 +387,7 @@ def generate_stream(
     step = 0
     while True:
         until = max_new_tokens if chunk_size is None else min(step + chunk_size, max_new_tokens)
-        carry = _decode(graphdef, state, carry, lens_arr, sp, jnp.int32(until), **static)
+        carry = decode(graphdef, state, carry, lens_arr, sp, jnp.int32(until), **static)
         step = until
         count, done, reason, toks, lps = jax.device_get(
             (carry.count, carry.done, carry.reason, carry.tokens, carry.logprobs)
@@ -419,6 +433,8 @@ def generate_stream(
             decode_tokens_per_s=generated / max(t2 - t1, 1e-9),
             cache_dtype=_resolve_cache_dtype(cache_dtype, model),
         )
+        if draft == "mtp":
+            stats["speculative"] = speculative.spec_stats(carry)
 
 
 def _stop_string_cut(tokenizer, toks: list[int], stop_strings, checked: int) -> int | None:
@@ -445,7 +461,12 @@ def generate(model, prompts: Sequence[Sequence[int]], **kwargs) -> GenerationRes
       stop_strings: strings that end a row once its decoded text contains one (needs
         `tokenizer`, any object with `decode(ids) -> str`).
       seed: the random stream of row i is fold_in(key(seed), i), stepped by fold_in(., step).
-      draft, num_draft_tokens: speculative decoding (not implemented yet: draft must be None).
+      draft, num_draft_tokens: "mtp" drafts num_draft_tokens tokens per step with the MTP
+        modules (the last one reused for depths beyond num_nextn_predict_layers) and verifies
+        them in one forward (inference/speculative.py): greedy output is identical to
+        draft=None and sampled output has the same distribution; stats["speculative"] holds
+        the acceptance per draft position, mean accepted length (tokens per verify step),
+        drafted and accepted tokens.
       max_len: cache slots (default: the bucketed need of this call).
       cache_dtype: the latent cache's dtype; int8 or float8_e4m3fn stores 8 bits per value with
         a per-token scale.

@@ -54,7 +54,9 @@ class TrainConfig:
         "dpo" or "grpo" (post-training on the chat JSONL of `post.data`, see PostConfig).
       init_from: start from these weights instead of a random initialisation: a hub checkpoint
         folder, an Orbax checkpoint of `python -m deepseek_jax.convert` or a `train_main.py` run
-        folder (its newest checkpoint); the model config is the checkpoint's. Ignored when the
+        folder (its newest checkpoint); the model config is the checkpoint's. With
+        trainable="mtp" the model config is this run's instead and only the arrays the checkpoint
+        has are loaded (MTP modules it lacks start from their initialisation). Ignored when the
         run resumes from its own checkpoint.
       steps: optimizer steps of the run (the schedule's length).
       lr: peak learning rate.
@@ -97,6 +99,9 @@ class TrainConfig:
       max_consecutive_skips: stop the run with an error after this many consecutive steps were
         skipped for a non-finite loss, gradient or update (the last good checkpoint is kept;
         0 = never stop).
+      trainable: "all", or "mtp" to train only the MTP modules on a frozen main model (every
+        other parameter gets a zero update; train/trainable.py). Needs bias_update_speed 0, so
+        that the main model's routing biases stay as they are too.
     """
 
     task: Task = "pretrain"
@@ -135,12 +140,22 @@ class TrainConfig:
     peak_flops: float | None = None
     scaling_compute: float | None = None
     max_consecutive_skips: int = 10
+    trainable: Literal["all", "mtp"] = "all"
 
     def __post_init__(self):
         c = "TrainConfig"
         _check_finite(self)
         if self.task not in TASKS:
             _fail(c, "task", self.task, f"allowed: {list(TASKS)}")
+        if self.trainable not in ("all", "mtp"):
+            _fail(c, "trainable", self.trainable, "allowed: ['all', 'mtp']")
+        if self.trainable == "mtp" and self.bias_update_speed != 0:
+            _fail(
+                c,
+                "bias_update_speed",
+                self.bias_update_speed,
+                "must be 0 with trainable=mtp (the frozen main model's routing biases would move)",
+            )
         if self.max_consecutive_skips < 0:
             _fail(c, "max_consecutive_skips", self.max_consecutive_skips, "must be >= 0")
         for name in ("steps", "grad_accum", "log_every"):

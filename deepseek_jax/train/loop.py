@@ -51,6 +51,7 @@ from deepseek_jax.train.step import (
     make_train_step,
     train_state_shardings,
 )
+from deepseek_jax.train.trainable import load_initial_params
 
 
 def _say(msg: str) -> None:
@@ -274,7 +275,9 @@ def _run_post(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str,
 
 def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]:
     init_model = None
-    if cfg.train.init_from is not None:  # continued pretraining from given weights
+    # Continued pretraining / post-training from given weights (the checkpoint's model config);
+    # an MTP-only run keeps its own config and loads what the checkpoint has (below).
+    if cfg.train.init_from is not None and cfg.train.trainable != "mtp":
         from deepseek_jax.train.post_run import resolve_init
 
         cfg, init_model = resolve_init(cfg)
@@ -341,6 +344,9 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
     else:
         graphdef, state = init_train_state(cfg.model, tcfg, seed=tcfg.seed, mesh=mesh, rules=rules)
         start = 0
+        if tcfg.init_from is not None:
+            state, n_in, n_new = load_initial_params(state, graphdef, tcfg.init_from)
+            _say(f"init_from {tcfg.init_from}: {n_in} arrays loaded, {n_new} freshly initialised")
     step_fn = make_train_step(
         cfg.model,
         cfg.loss,

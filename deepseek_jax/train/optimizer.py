@@ -26,6 +26,7 @@ import optax
 from deepseek_jax.data import DataConfig
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.schedule import v3_lr_schedule
+from deepseek_jax.train.trainable import restrict
 
 # Path components that mark a parameter as exempt from weight decay: every RMSNorm scale (the
 # model names its norms attn_norm, ffn_norm, q_norm, kv_norm, enorm, hnorm, norm) and biases.
@@ -132,5 +133,5 @@ def make_optimizer(
         mu_dtype=mu_dtype,
     )
     if tcfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), adamw)
-    return adamw
+        adamw = optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), adamw)
+    return restrict(adamw, tcfg.trainable)  # train.trainable=mtp: zero updates elsewhere

@@ -41,6 +41,12 @@ def test_cli_samples_from_a_training_run_folder(tmp_path, capsys):
     main(["--checkpoint", str(run_dir), "--prompt", prompt, "--max-new-tokens", "6", "--stream"])
     assert capsys.readouterr().out == tokenizer.decode(want.tokens[0]) + "\n"
     assert np.all(np.isfinite(want.logprobs[0]))
+    # MTP speculative decoding: the same greedy text, and the acceptance figures.
+    main(["--checkpoint", str(run_dir), "--prompt", prompt, "--max-new-tokens", "6"]
+         + ["--draft", "mtp", "--num-draft-tokens", "2"])  # fmt: skip
+    out = capsys.readouterr()
+    assert out.out == prompt + tokenizer.decode(want.tokens[0]) + "\n"
+    assert "draft mtp k=2: acceptance per position" in out.err
 
 
 # DeepSeek-V2-Chat's template (hub tokenizer_config.json), abridged to its message loop.
