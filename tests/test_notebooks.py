@@ -21,7 +21,7 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_executes(path, tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")  # the `plot` extra, part of the `test` extra
+    # The notebooks plot: matplotlib (the `plot` extra) comes with the `test` extra.
     monkeypatch.setenv("DEEPSEEK_JAX_NB_SMALL", "1")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(

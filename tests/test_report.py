@@ -15,9 +15,7 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")  # the `plot` extra; part of the `test` extra CI installs
-
-from deepseek_jax import report  # noqa: E402
+from deepseek_jax import report  # needs matplotlib: the `plot` extra, part of the `test` extra
 from deepseek_jax.sharding.pipeline_sim import Costs, simulate  # noqa: E402
 from deepseek_jax.sharding.schedules import dualpipe_schedule  # noqa: E402
 
