@@ -98,7 +98,7 @@ def test_gradients_finite_through_everything(tiny_cfg, tiny_model, impl):
         out = nnx.merge(graphdef, p, rest)(ids, moe_impl=impl)
         return total_loss(out, batch, tiny_cfg, lcfg)[0]
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)  # jitted: one compile, not eager ops
     assert np.isfinite(float(loss))
     chex.assert_tree_all_finite(grads)
     # Every parameter receives gradient (nothing is accidentally disconnected).
@@ -109,7 +109,7 @@ def test_gradients_finite_through_everything(tiny_cfg, tiny_model, impl):
 def _param_grads(model, ids, **kw):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss = lambda p: nnx.merge(graphdef, p, rest)(ids, **kw).logits.sum()
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)
 
 
 def test_remat_policies_and_unroll_agree(tiny_cfg):

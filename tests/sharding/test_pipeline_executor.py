@@ -138,18 +138,21 @@ def test_deepseek_model_pipelined_equals_plain(name, PP, n_mb):
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
+    # Micro-batch m holds rows m, m + n_mb, ... (pipeline_stages.split_microbatches).
+    mbs = jax.tree.map(lambda a: jnp.stack([a[m::n_mb] for m in range(n_mb)]), batch)
+
     def ref_loss(p):  # mean over micro-batches of the plain model's total loss
-        total, all_counts, main = 0.0, 0.0, 0.0
-        for m in range(n_mb):
-            mb = jax.tree.map(lambda a, m=m: a[m::n_mb], batch)
+        def one(_, mb):
             out = nnx.merge(graphdef, p, rest)(mb["input_ids"])
             loss_m, metrics = total_loss(out, mb, cfg, lcfg)
-            total = total + loss_m / n_mb
-            main = main + metrics["main_loss"] / n_mb
-            all_counts = all_counts + out.moe_stats.expert_counts.sum(1)
-        return total, (all_counts, main)
+            return None, (loss_m, metrics["main_loss"], out.moe_stats.expert_counts.sum(1))
 
-    (ref, (ref_counts, ref_main)), ref_grads = jax.value_and_grad(ref_loss, has_aux=True)(params)
+        _, (losses, mains, counts) = jax.lax.scan(one, None, mbs)  # one compiled model
+        return losses.mean(), (counts.sum(0), mains.mean())
+
+    (ref, (ref_counts, ref_main)), ref_grads = jax.jit(jax.value_and_grad(ref_loss, has_aux=True))(
+        params
+    )
     assert_close(loss, ref, **MODEL_FP32)
     assert_close(parts["main_loss"], ref_main, **MODEL_FP32)
     assert_close(counts, ref_counts)
@@ -199,7 +202,7 @@ def test_pipeline_with_experts_sharded_inside_each_stage():
             for mb in mbs
         )
 
-    ref_loss, ref_grads = jax.value_and_grad(ref)(params)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(ref))(params)
     assert_close(loss, ref_loss, **MODEL_FP32)
     flat = dict(nnx.to_flat_state(grads))
     for path, g in nnx.to_flat_state(ref_grads):
