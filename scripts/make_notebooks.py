@@ -464,6 +464,8 @@ CELLS_SPECULATIVE = [
     ),
     (
         "code",
+        "if SMALL:  # CI: one CPU device, unoptimised XLA code generation (compiling dominates)\n"
+        "    os.environ['XLA_FLAGS'] = '--xla_backend_optimization_level=0'\n"
         "import time\nimport jax, jax.numpy as jnp, numpy as np\nfrom flax import nnx\n"
         "from IPython.display import display\nimport deepseek_jax as dj\n"
         "from deepseek_jax import report\n"
@@ -485,17 +487,22 @@ CELLS_SPECULATIVE = [
         "md",
         "## Greedy: the same tokens as plain decoding\nDraft depths beyond the number of MTP "
         "modules reuse the last module one position further on. Each variant is compiled "
-        "once, then timed on its second call.",
+        "once, then timed over three interleaved rounds (the fastest kept, as in "
+        "bench/bench_speculative.py).",
     ),
     (
         "code",
         "KS = (2,) if SMALL else (1, 2, 3)  # k = 2 > 1 module: the module reused at depth 2\n"
         "variants = {'plain': {}} | {f'k={k}': dict(draft='mtp', num_draft_tokens=k) "
         "for k in KS}\n"
-        "res = {}\n"
-        "for name, kw in variants.items():\n"
+        "for kw in variants.values():\n"
         "    dj.generate(model, prompts, max_new_tokens=NEW, **kw)  # compile\n"
-        "    res[name] = dj.generate(model, prompts, max_new_tokens=NEW, **kw)\n"
+        "res = {}\n"
+        "for _ in range(3):  # interleaved rounds, each variant keeps its fastest decode\n"
+        "    for name, kw in variants.items():\n"
+        "        r = dj.generate(model, prompts, max_new_tokens=NEW, **kw)\n"
+        "        if name not in res or r.stats['decode_s'] < res[name].stats['decode_s']:\n"
+        "            res[name] = r\n"
         "plain = res['plain']\n"
         "for name, r in res.items():\n"
         "    line = f\"{name:6s} decode {r.stats['decode_tokens_per_s']:8.1f} tok/s\"\n"
@@ -608,7 +615,10 @@ CELLS_POST = [
     install_cell(),
     (
         "code",
-        "import json, os, random, tempfile\nimport numpy as np\n"
+        "import json, os, random, tempfile\n"
+        "if SMALL:  # CI: one CPU device, unoptimised XLA code generation (compiling dominates)\n"
+        "    os.environ['XLA_FLAGS'] = '--xla_backend_optimization_level=0'\n"
+        "import numpy as np\n"
         "from IPython.display import display\n"
         "from deepseek_jax import report\n"
         "from deepseek_jax.train.config import load_run_config\n"
