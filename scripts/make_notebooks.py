@@ -438,6 +438,273 @@ CELLS_GENERATION = [
     ),
 ]
 
+# ------------------------------------------------------------------------- 05 speculative
+
+CELLS_SPECULATIVE = [
+    (
+        "md",
+        "# MTP speculative decoding\n\nV3's multi-token-prediction modules (V3 Sec. 2.2) "
+        "double as a draft model: `generate(..., draft='mtp', num_draft_tokens=k)` drafts k "
+        "tokens with them, verifies them in one forward of the main model over its latent "
+        "cache, and keeps the longest accepted prefix plus one token "
+        "(deepseek_jax/inference/speculative.py). Greedy output is identical to plain greedy "
+        "decoding; sampled output has exactly the target's distribution. This notebook checks "
+        "both and measures acceptance and speed.",
+    ),
+    install_cell(),
+    (
+        "md",
+        "## A model whose drafts are sometimes right\nA randomly initialised MTP module almost "
+        "never guesses the main model's next token, so nothing would be accepted. As in "
+        "tests/inference/test_speculative.py, the tiny V3's MTP module is made to nearly copy "
+        "the main model's hidden state (a dominant identity block in `eh_proj`), so its draft "
+        "is the main model's prediction one position early: right when the continuation "
+        "repeats, wrong otherwise. (bench/bench_speculative.py measures a trained V3 with an "
+        "MTP-only trained module; its numbers are in docs/benchmarks.md.)",
+    ),
+    (
+        "code",
+        "if SMALL:  # CI: one CPU device, unoptimised XLA code generation (compiling dominates)\n"
+        "    os.environ['XLA_FLAGS'] = '--xla_backend_optimization_level=0'\n"
+        "import time\nimport jax, jax.numpy as jnp, numpy as np\nfrom flax import nnx\n"
+        "from IPython.display import display\nimport deepseek_jax as dj\n"
+        "from deepseek_jax import report\n"
+        "from deepseek_jax.inference.speculative import speculative_accept\n"
+        "cfg = dj.load_preset('v3-tiny').replace(num_nextn_predict_layers=1)\n"
+        "model = dj.DeepSeekModel(cfg, rngs=nnx.Rngs(1))\n"
+        "model.lm_head[...] = model.lm_head[...] * 20.0  # O(1) logits: clear argmaxes\n"
+        "D = cfg.hidden_size\n"
+        "w = model.mtp.eh_proj[...]  # [modules, 2D, D]: [Emb(t); h] -> D\n"
+        "model.mtp.eh_proj[...] = w.at[:, D:, :].add(30.0 * jnp.eye(D)[None])\n"
+        "rng = np.random.default_rng(0)\n"
+        "B, NEW = (4, 24) if SMALL else (8, 96)\n"
+        "prompts = [list(rng.integers(0, cfg.vocab_size, int(n))) for n in "
+        "rng.integers(3, 16, B)]\n"
+        "print(cfg.num_hidden_layers, 'layers,', cfg.num_nextn_predict_layers, 'MTP module;', "
+        "B, 'prompts,', NEW, 'new tokens each')",
+    ),
+    (
+        "md",
+        "## Greedy: the same tokens as plain decoding\nDraft depths beyond the number of MTP "
+        "modules reuse the last module one position further on. Each variant is compiled "
+        "once, then timed over three interleaved rounds (the fastest kept, as in "
+        "bench/bench_speculative.py).",
+    ),
+    (
+        "code",
+        "KS = (2,) if SMALL else (1, 2, 3)  # k = 2 > 1 module: the module reused at depth 2\n"
+        "variants = {'plain': {}} | {f'k={k}': dict(draft='mtp', num_draft_tokens=k) "
+        "for k in KS}\n"
+        "for kw in variants.values():\n"
+        "    dj.generate(model, prompts, max_new_tokens=NEW, **kw)  # compile\n"
+        "res = {}\n"
+        "for _ in range(3):  # interleaved rounds, each variant keeps its fastest decode\n"
+        "    for name, kw in variants.items():\n"
+        "        r = dj.generate(model, prompts, max_new_tokens=NEW, **kw)\n"
+        "        if name not in res or r.stats['decode_s'] < res[name].stats['decode_s']:\n"
+        "            res[name] = r\n"
+        "plain = res['plain']\n"
+        "for name, r in res.items():\n"
+        "    line = f\"{name:6s} decode {r.stats['decode_tokens_per_s']:8.1f} tok/s\"\n"
+        "    if name != 'plain':\n"
+        "        s = r.stats['speculative']\n"
+        "        per = ' / '.join(f'{a:.2f}' for a in s['acceptance_per_position'])\n"
+        '        line += (f"  acceptance per position {per}, tokens per verify step "\n'
+        "                 f\"{s['mean_accepted_length']:.2f}\")\n"
+        "        assert r.tokens == plain.tokens  # greedy speculative == greedy\n"
+        "        assert 0 < s['accepted_tokens'] < s['drafted_tokens']  # accepts and rejects\n"
+        "    print(line)\n"
+        "print('every speculative output equals plain greedy decoding')",
+    ),
+    (
+        "md",
+        "Acceptance per draft position (the share of verify steps that reached position i "
+        "and accepted its draft) and decode throughput relative to plain decoding. On a CPU "
+        "a tiny model's verify forward costs about as much as a decode step, so the speed-up "
+        "follows the tokens per verify step minus the drafting cost; measured, not asserted.",
+    ),
+    (
+        "code",
+        "plt = report.pyplot()\n"
+        "fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5))\n"
+        "width = 0.8 / len(KS)\n"
+        "for j, k in enumerate(KS):\n"
+        "    acc = res[f'k={k}'].stats['speculative']['acceptance_per_position']\n"
+        "    ax1.bar(np.arange(1, k + 1) + (j - (len(KS) - 1) / 2) * width, acc, width, "
+        "label=f'k={k}')\n"
+        "ax1.set_xlabel('draft position'); ax1.set_ylabel('acceptance'); ax1.set_ylim(0, 1)\n"
+        "ax1.set_xticks(range(1, max(KS) + 1)); ax1.legend(); "
+        "ax1.set_title('acceptance per draft position')\n"
+        "rate0 = plain.stats['decode_tokens_per_s']\n"
+        "names = list(res)\n"
+        "speed = [res[n].stats['decode_tokens_per_s'] / rate0 for n in names]\n"
+        "ax2.bar(names, speed, color=['gray'] + ['C0'] * len(KS))\n"
+        "ax2.axhline(1.0, color='k', lw=0.8)\n"
+        "ax2.set_ylabel('decode tok/s vs plain'); ax2.set_title('speed-up (greedy, batch '"
+        " + str(B) + ')')\n"
+        "fig.tight_layout(); display(fig); plt.close(fig)\n"
+        "print({n: round(s, 2) for n, s in zip(names, speed)})",
+    ),
+    (
+        "md",
+        "## The accept / resample rule keeps the target distribution\nThe kernel alone on a "
+        "6-token vocabulary: drafts d_1, d_2 ~ q_1, q_2 are accepted with probability "
+        "min(1, p(d)/q(d)); at the first rejection a token is drawn from "
+        "normalize(max(p - q, 0)), and after K accepts a bonus token from p_K. Whatever q is, "
+        "the first emitted token must follow p_0 exactly, and the token after an accepted d_1 "
+        "must follow p_1 (Leviathan et al. 2023, Theorem 1). Checked by a chi-square test and "
+        "the total-variation distance over many independent steps; emitting the drafts "
+        "unchecked would follow q instead (TV distance to p printed below).",
+    ),
+    (
+        "code",
+        "from scipy import stats\n"
+        "V, N = 6, (50_000 if SMALL else 400_000)\n"
+        "r = np.random.default_rng(1)\n"
+        "p = jnp.asarray(r.dirichlet(np.ones(V) * 0.7, size=3), jnp.float32)  # p_0, p_1, p_2\n"
+        "q = jnp.asarray(r.dirichlet(np.ones(V) * 0.7, size=2), jnp.float32)  # q_1, q_2\n"
+        "@jax.jit\n"
+        "def step(key):  # one speculative step with K = 2: the emitted tokens\n"
+        "    kd, ka = jax.random.split(key)\n"
+        "    d = jax.random.categorical(kd, jnp.log(q), axis=-1).astype(jnp.int32)\n"
+        "    a, y = speculative_accept(p[None], q[None], d[None], ka[None])\n"
+        "    return a[0], jnp.where(jnp.arange(3) < a[0], jnp.append(d, 0), y[0])\n"
+        "a, emitted = jax.device_get(jax.vmap(step)(jax.random.split(jax.random.key(0), N)))\n"
+        "checks = [('first token', emitted[:, 0], p[0]), "
+        "('second | d_1 accepted', emitted[a >= 1, 1], p[1])]\n"
+        "plt = report.pyplot()\n"
+        "fig, axes = plt.subplots(1, 2, figsize=(12, 3.2))\n"
+        "for ax, (name, toks, target) in zip(axes, checks):\n"
+        "    counts = np.bincount(toks, minlength=V)\n"
+        "    freq, target = counts / len(toks), np.asarray(target, np.float64)\n"
+        "    target /= target.sum()\n"
+        "    tv = 0.5 * np.abs(freq - target).sum()\n"
+        "    pval = stats.chisquare(counts, target * len(toks)).pvalue\n"
+        "    print(f'{name:22s} n={len(toks):7d}  TV distance {tv:.4f}  chi-square p {pval:.3f}')\n"
+        "    # sqrt(V / n) is >= 2.5x the TV distance expected from sampling noise alone\n"
+        "    assert pval > 1e-3 and tv < np.sqrt(V / len(toks))  # it follows the target\n"
+        "    x = np.arange(V)\n"
+        "    ax.bar(x - 0.2, target, 0.4, label='target p'); ax.bar(x + 0.2, freq, 0.4, "
+        "label='emitted')\n"
+        "    ax.set_title(name); ax.set_xlabel('token'); ax.legend()\n"
+        "fig.tight_layout(); display(fig); plt.close(fig)\n"
+        "tv_q = 0.5 * float(jnp.abs(p[0] - q[0]).sum())\n"
+        "print(f'TV(p_0, q_1) = {tv_q:.3f}: what emitting drafts unchecked would give')\n"
+        "beta = float(jnp.minimum(p[0], q[0]).sum())  # expected acceptance of d_1\n"
+        "print(f'acceptance of d_1: {np.mean(a >= 1):.4f}, expected sum min(p, q) = {beta:.4f}')\n"
+        "assert abs(np.mean(a >= 1) - beta) < 4 * np.sqrt(beta * (1 - beta) / N)",
+    ),
+]
+
+# -------------------------------------------------------------------------- 06 post-training
+
+CELLS_POST = [
+    (
+        "md",
+        "# Post-training: SFT, then GRPO with a rule-based reward\n\n`train.task=sft` and "
+        "`train.task=grpo` run the same `train_main.py` loop (deepseek_jax/train/post_run.py). "
+        "Here, on an arithmetic task small enough for a CPU: 8 problems `a+b=` with "
+        "single-digit answers, a 2-layer tiny V3 (MLA + MoE) over byte tokens. The SFT "
+        "dialogues are deliberately noisy (each problem answered correctly 4 times in 10), so "
+        "the SFT-ed model is right about 40% of the time; GRPO (DeepSeekMath Sec. 4.1) then "
+        "samples groups of answers with the generation engine, scores them with the accuracy "
+        "reward alone and raises it. (The same task as tests/train/test_post_training.py; "
+        "configs/train-sft-small.yaml and train-grpo-small.yaml run the R1-format version on "
+        "data/post/.)",
+    ),
+    install_cell(),
+    (
+        "code",
+        "import json, os, random, tempfile\n"
+        "if SMALL:  # CI: one CPU device, unoptimised XLA code generation (compiling dominates)\n"
+        "    os.environ['XLA_FLAGS'] = '--xla_backend_optimization_level=0'\n"
+        "import numpy as np\n"
+        "from IPython.display import display\n"
+        "from deepseek_jax import report\n"
+        "from deepseek_jax.train.config import load_run_config\n"
+        "from deepseek_jax.train.loop import run\n"
+        "work = tempfile.mkdtemp(prefix='dj-post-')\n"
+        "PROBLEMS = [(1, 2), (3, 4), (2, 5), (4, 4), (0, 6), (5, 3), (1, 1), (6, 2)]\n"
+        "rng = random.Random(0)\n"
+        "with open(f'{work}/sft.jsonl', 'w') as f:  # chat dialogues: 4 right, 6 wrong answers\n"
+        "    for a, b in PROBLEMS:\n"
+        "        for ans in [a + b] * 4 + rng.sample([d for d in range(10) if d != a + b], 6):\n"
+        "            messages = [{'role': 'user', 'content': f'{a}+{b}='},\n"
+        "                        {'role': 'assistant', 'content': str(ans)}]\n"
+        "            f.write(json.dumps({'messages': messages}) + '\\n')\n"
+        "with open(f'{work}/grpo.jsonl', 'w') as f:  # prompts with their reference answers\n"
+        "    for a, b in PROBLEMS:\n"
+        "        f.write(json.dumps({'prompt': f'{a}+{b}=', 'answer': str(a + b)}) + '\\n')\n"
+        "print(open(f'{work}/sft.jsonl').readline(), open(f'{work}/grpo.jsonl').readline())\n"
+        "COMMON = ['model.preset=v3-tiny', 'model.vocab_size=259', "
+        "'model.num_hidden_layers=2',\n"
+        "          'model.num_nextn_predict_layers=0', 'model.remat=none', "
+        "'data.tokenizer=null',\n"
+        "          'data.seq_len=32', 'mesh.rules=dp', 'train.schedule=constant', "
+        "'train.warmup_steps=0',\n"
+        "          'train.log_every=1', 'train.progress=false', 'train.tensorboard=false',\n"
+        "          'checkpoint.every=0', 'checkpoint.async_save=false']\n"
+        "SFT_STEPS, GRPO_STEPS = (150, 24) if SMALL else (150, 48)",
+    ),
+    (
+        "md",
+        "## SFT\nThe loss covers the reply tokens only (the prompt is masked), dialogues are "
+        "packed with segment ids. The answer digit is noisy, so the loss stops near its "
+        "entropy (~0.65 nats per reply token) instead of going to 0.",
+    ),
+    (
+        "code",
+        "sft_dir = f'{work}/sft'\n"
+        "run(load_run_config(None, COMMON + [\n"
+        "    'train.task=sft', f'post.data={work}/sft.jsonl', 'data.global_batch_size=16',\n"
+        "    f'train.steps={SFT_STEPS}', 'train.lr=3e-3', f'train.run_dir={sft_dir}']))\n"
+        "sft = report.read_metrics(sft_dir)\n"
+        "sft_steps, sft_loss = report.series(sft, 'main_loss')\n"
+        "print(f'SFT loss {sft_loss[0]:.2f} -> {sft_loss[-10:].mean():.2f}')\n"
+        "assert sft_loss[0] > 4.0 and sft_loss[-10:].mean() < 1.0  # from ~log(259)",
+    ),
+    (
+        "md",
+        "## GRPO from the SFT run\nEach rollout step samples 8 answers for each of the 8 "
+        "prompts (`post.group_size=8`, 64 completions), scores them, and normalises the "
+        "rewards within each group into advantages; `post.mu=2` takes two clipped policy "
+        "updates per rollout batch (the second with ratios != 1), with a KL penalty "
+        "(`post.beta`) to the SFT model as reference.",
+    ),
+    (
+        "code",
+        "grpo_dir = f'{work}/grpo'\n"
+        "run(load_run_config(None, COMMON + [\n"
+        "    'train.task=grpo', f'post.data={work}/grpo.jsonl', f'train.init_from={sft_dir}',\n"
+        "    'data.global_batch_size=64', 'post.group_size=8', 'post.max_new_tokens=3',\n"
+        "    'post.beta=0.04', 'post.mu=2', f'train.steps={GRPO_STEPS}', 'train.lr=3e-3',\n"
+        "    f'train.run_dir={grpo_dir}']))\n"
+        "grpo = report.read_metrics(grpo_dir)\n"
+        "g_steps, reward = report.series(grpo, 'reward/accuracy_mean')\n"
+        "_, kl = report.series(grpo, 'kl')\n"
+        "print('accuracy reward per step:', np.round(reward, 2))",
+    ),
+    ("md", "## The curves (from each run's metrics.jsonl)"),
+    (
+        "code",
+        "plt = report.pyplot()\n"
+        "fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 3.5))\n"
+        "ax1.plot(sft_steps, sft_loss); ax1.set_yscale('log')\n"
+        "ax1.set_title('SFT: reply-token loss'); ax1.set_xlabel('step')\n"
+        "ax2.plot(g_steps, reward, marker='o', label='mean accuracy reward')\n"
+        "ax2.set_ylim(0, 1); ax2.set_title('GRPO: reward'); ax2.set_xlabel('step'); "
+        "ax2.legend()\n"
+        "ax3.plot(g_steps, kl); ax3.set_title('GRPO: KL to the SFT model'); "
+        "ax3.set_xlabel('step')\n"
+        "fig.tight_layout(); display(fig); plt.close(fig)\n"
+        "quarter = len(reward) // 4\n"
+        "start, end = reward[:quarter].mean(), reward[-quarter:].mean()\n"
+        "print(f'reward: first quarter {start:.2f}, last quarter {end:.2f}')\n"
+        "assert 0.15 < start < 0.7  # the SFT-ed model is right some of the time...\n"
+        "assert end > start + 0.2  # ...and GRPO makes it right more often",
+    ),
+]
+
 # ---------------------------------------------------------------------------------- 07 scale
 
 CELLS_SCALE = [
@@ -569,6 +836,8 @@ NOTEBOOKS = {
     "02_checkpoints.ipynb": CELLS_CHECKPOINTS,
     "03_pretraining.ipynb": CELLS_PRETRAIN,
     "04_generation.ipynb": CELLS_GENERATION,
+    "05_speculative.ipynb": CELLS_SPECULATIVE,
+    "06_post_training.ipynb": CELLS_POST,
     "07_scale.ipynb": CELLS_SCALE,
 }
 

@@ -15,7 +15,15 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.
 
 def test_there_are_notebooks():
     names = [p.name for p in NOTEBOOKS]
-    for n in ("01_model_tour", "02_checkpoints", "03_pretraining", "04_generation", "07_scale"):
+    for n in (
+        "01_model_tour",
+        "02_checkpoints",
+        "03_pretraining",
+        "04_generation",
+        "05_speculative",
+        "06_post_training",
+        "07_scale",
+    ):
         assert f"{n}.ipynb" in names, n
 
 
