@@ -160,7 +160,8 @@ class StopSignals:
         return bool(multihost_utils.process_allgather(np.int32(self.flag)).max())
 
 
-def _check_vocab(cfg: RunConfig):
+def check_vocab(cfg: RunConfig):
+    """The run's tokenizer; an error when the model's vocabulary cannot hold its ids."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
@@ -168,6 +169,22 @@ def _check_vocab(cfg: RunConfig):
             f"{tokenizer.vocab_size} ({cfg.data.tokenizer})"
         )
     return tokenizer
+
+
+def open_run(cfg: RunConfig, run_dir: str, ckpt_dir: str, allow_config_change: bool):
+    """(Checkpointer, stored (step, config) or None): a stored config is compared with this one
+    (train/resume.py), then this config is written to run_dir/config.yaml."""
+    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, metadata={"config": cfg.to_dict()})
+    stored = ckpt.stored_config() if cfg.checkpoint.resume else None
+    if stored is not None:
+        for line in check_resume(
+            stored[1], cfg.to_dict(), step=stored[0], where=ckpt_dir, allow=allow_config_change
+        ):
+            _say(line)
+    if jax.process_index() == 0:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    return ckpt, stored
 
 
 def _log_line(step: int, r: dict[str, Any]) -> str:
@@ -284,17 +301,8 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
     tcfg = cfg.train
     mesh = make_mesh(cfg.mesh)
     rules = get_rules(cfg.mesh.rules)
-    tokenizer = _check_vocab(cfg)
-    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, metadata={"config": cfg.to_dict()})
-    stored = ckpt.stored_config() if cfg.checkpoint.resume else None
-    if stored is not None:
-        for line in check_resume(
-            stored[1], cfg.to_dict(), step=stored[0], where=ckpt_dir, allow=allow_config_change
-        ):
-            _say(line)
-    if jax.process_index() == 0:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    tokenizer = check_vocab(cfg)
+    ckpt, stored = open_run(cfg, run_dir, ckpt_dir, allow_config_change)
     counts = count_params(cfg.model)
     _say(f"run_dir {run_dir}")
     _say(

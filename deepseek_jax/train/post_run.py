@@ -31,7 +31,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 
 from deepseek_jax.data import load_tokenizer
@@ -50,8 +49,8 @@ from deepseek_jax.rewards import RewardFn, accuracy_reward, format_reward, score
 from deepseek_jax.rl import group_advantages
 from deepseek_jax.sharding.mesh import make_mesh
 from deepseek_jax.sharding.rules import get_rules
-from deepseek_jax.train.checkpoint import Checkpointer
 from deepseek_jax.train.config import RunConfig
+from deepseek_jax.train.loop import check_vocab, open_run
 from deepseek_jax.train.metrics import MetricsLogger
 from deepseek_jax.train.objectives_post import (
     dpo_objective,
@@ -62,7 +61,6 @@ from deepseek_jax.train.objectives_post import (
 )
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.post_config import PostConfig
-from deepseek_jax.train.resume import check_resume
 from deepseek_jax.train.step import (
     TrainState,
     _contexts,
@@ -426,24 +424,11 @@ def run_post(
         )
     cfg, init_model = resolve_init(cfg)
     tcfg = cfg.train
-    vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
-    if vocab > cfg.model.vocab_size:
-        raise ValueError(
-            f"the model's vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"{vocab} (data.tokenizer={cfg.data.tokenizer})"
-        )
+    check_vocab(cfg)
     if not cfg.post.routing_bias_updates(tcfg.task):
         tcfg = dataclasses.replace(tcfg, bias_update_speed=0.0)
     mesh, rules = make_mesh(cfg.mesh), get_rules(cfg.mesh.rules)
-    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, metadata={"config": cfg.to_dict()})
-    stored = ckpt.stored_config() if cfg.checkpoint.resume else None
-    if stored is not None:
-        for line in check_resume(
-            stored[1], cfg.to_dict(), step=stored[0], where=ckpt_dir, allow=allow_config_change
-        ):
-            _say(line)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    ckpt, stored = open_run(cfg, run_dir, ckpt_dir, allow_config_change)
     if init_model is not None:
         graphdef, state = state_from_model(init_model, cfg, mesh, rules)
         del init_model
