@@ -214,3 +214,40 @@ def test_routed_expert_weight_gradient_is_fp32_on_the_blocked_path():
     # and the old way, BF16 weights, rounds it:
     dw16 = jax.grad(lambda w: f(w.astype(jnp.bfloat16).astype(jnp.float32)))(w)
     assert np.abs(np.asarray(dw16) - expect).max() > 10 * np.abs(np.asarray(dw) - expect).max()
+
+
+@pytest.mark.parametrize("path", ["grouped", "capacity"])
+def test_routed_expert_weight_gradient_is_fp32_on_the_grouped_and_capacity_paths(path):
+    """The other two routed-expert products take FP32 master weights too: `grouped_matmul`
+    (ragged_dot / the Pallas GPU kernel, custom VJP) and the capacity buffers' per-expert
+    product. The product runs in BF16; dW is accumulated and returned in FP32."""
+    from deepseek_jax.kernels.expert_matmul import expert_matmul
+    from deepseek_jax.kernels.grouped_matmul import grouped_matmul
+
+    rng = np.random.default_rng(1)
+    E, K, N, C = 4, 32, 16, 12
+    w = jnp.asarray(rng.normal(size=(E, K, N)), jnp.bfloat16).astype(jnp.float32)
+    if path == "grouped":
+        sizes = np.array([10, 0, 17, 13])
+        x = jnp.asarray(rng.normal(size=(int(sizes.sum()), K)), jnp.bfloat16)
+        dy = jnp.asarray(rng.normal(size=(x.shape[0], N)), jnp.bfloat16)
+        op = lambda w: grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), impl="xla")
+        owner = np.repeat(np.arange(E), sizes)
+        x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+        expect = np.stack([x64[owner == e].T @ dy64[owner == e] for e in range(E)])
+    else:
+        x = jnp.asarray(rng.normal(size=(E, C, K)), jnp.bfloat16)
+        dy = jnp.asarray(rng.normal(size=(E, C, N)), jnp.bfloat16)
+        op = lambda w: expert_matmul(x, w)
+        expect = np.einsum("eck,ecn->ekn", np.asarray(x, np.float64), np.asarray(dy, np.float64))
+
+    def f(w):
+        y = op(w)
+        assert y.dtype == jnp.bfloat16  # the product itself runs in the compute dtype
+        return (y.astype(jnp.float32) * dy.astype(jnp.float32)).sum()
+
+    dw = jax.grad(f)(w)
+    assert dw.dtype == jnp.float32
+    assert_close(dw, expect, jnp.float32)
+    dw16 = jax.grad(lambda w: f(w.astype(jnp.bfloat16).astype(jnp.float32)))(w)
+    assert np.abs(np.asarray(dw16) - expect).max() > 10 * np.abs(np.asarray(dw) - expect).max()

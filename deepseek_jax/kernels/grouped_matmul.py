@@ -292,6 +292,7 @@ def tgmm(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _grouped(x, w, group_sizes, out_dtype, impl, block_sizes):
+    w = w.astype(x.dtype)  # FP32 master weights run in the compute dtype
     return gmm(x, w, group_sizes, out_dtype=out_dtype, impl=impl, block_sizes=block_sizes)
 
 
@@ -304,7 +305,8 @@ def _grouped_bwd(out_dtype, impl, block_sizes, res, dy):
     kw = dict(impl=impl, block_sizes=block_sizes)
     # Mixed precision as usual: the cotangent is used in the operands' dtype, fp32 accumulation.
     dy = dy.astype(x.dtype)
-    dx = gmm(dy, w.transpose(0, 2, 1), group_sizes, out_dtype=x.dtype, **kw)  # [M, K]
+    dx = gmm(dy, w.astype(x.dtype).transpose(0, 2, 1), group_sizes, out_dtype=x.dtype, **kw)
+    # fp32 accumulation, returned in w.dtype: FP32 for FP32 master weights (V3 Sec. 3.3.3)
     dw = tgmm(x, dy, group_sizes, out_dtype=w.dtype, **kw)  # [E, K, N]
     return dx, dw, None
 
@@ -325,7 +327,9 @@ def grouped_matmul(
 
     Args:
       x: [M, K] rows sorted by expert.
-      w: [E, K, N], same dtype as x.
+      w: [E, K, N] in x.dtype, or FP32 master weights under a lower-precision x: the product
+        runs in x.dtype and the weight gradient, accumulated in FP32, is returned in FP32
+        (V3 Sec. 3.3.3), never rounded to x.dtype.
       group_sizes: [E] int; zero sizes allowed, sum <= M.
       out_dtype: defaults to x.dtype.
       impl: "auto" | "xla" | "pallas".
@@ -334,6 +338,8 @@ def grouped_matmul(
       [M, N]; rows past sum(group_sizes) are zero. Gradients flow to x and w.
     """
     check_operands(x, w, group_sizes)
+    if w.dtype != x.dtype and w.dtype != jnp.float32:
+        raise TypeError(f"w.dtype={w.dtype} must equal x.dtype={x.dtype} (or be float32)")
     return _grouped(x, w, group_sizes, out_dtype, impl, block_sizes or BlockSizes())
 
 

@@ -385,6 +385,7 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
     step, mark, pending, saved = start, None, None, start if restored is not None else -1
     counted, hosts = (0.0, 0.0), 1 if full_batch else jax.process_count()  # since `mark`
     unread: list[tuple[int, jax.Array]] = []  # (step, finite) not yet looked at on the host
+    shapes: set[tuple[int, ...]] = set()  # batch shapes compiled so far (one per ramp size)
     streak: list[int] = []  # the current run of consecutive skipped steps
 
     def check_skips(upto: int) -> None:
@@ -418,8 +419,14 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
                 counted = tuple(
                     a + b for a, b in zip(counted, real_tokens(local, hosts), strict=True)
                 )
-                if mark is None:  # the first step of this invocation includes compilation
+                shape = np.shape(local["input_ids"])
+                if mark is None or shape not in shapes:
+                    # The first step, and the first of each new batch size (V3's batch ramp),
+                    # include compilation: the throughput window restarts after them.
+                    shapes.add(shape)
                     jax.block_until_ready(metrics)
+                    if pending is not None:
+                        check_skips(step - 1)
                     mark, counted = (time.time(), step), (0.0, 0.0)
                 elif pending is not None:
                     jax.block_until_ready(pending)  # keep at most one step in flight
@@ -429,6 +436,7 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
                 logger.advance(step)
                 if step % tcfg.log_every == 0 or step == tcfg.steps:
                     host = {k: _host(v) for k, v in metrics.items()}
+                    host["sequences"] = shape[0] * hosts  # this step's global batch (ramp)
                     now = time.time()
                     n = step - mark[1]
                     if n > 0:

@@ -134,3 +134,43 @@ def test_ramp_config_errors_name_the_field():
         DataConfig(global_batch_size=10, batch_ramp_start=3, batch_ramp_tokens=1.0)
     with pytest.raises(ValueError, match="DataConfig.batch_ramp_tokens"):
         DataConfig(global_batch_size=9, batch_ramp_start=3)
+
+
+def test_training_follows_the_ramp_end_to_end(tmp_path):
+    """`train_main.py`'s loop on a ramp: each step trains the planned global batch, the lr follows
+    the token-based schedule of that plan, and the steps that compile a new size are left out of
+    the throughput (their time is compilation, not training)."""
+    from deepseek_jax.train.loop import run
+
+    overrides = [
+        "model.preset=v3-tiny",
+        "model.num_hidden_layers=2",
+        "model.vocab_size=264",
+        "model.remat=none",
+        "data.tokenizer=null",
+        "data.seq_len=16",
+        "data.global_batch_size=16",
+        "data.batch_ramp_start=8",
+        "data.batch_ramp_increment=8",
+        "data.batch_ramp_tokens=256",
+        "mesh.rules=dp",
+        "train.steps=5",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+        "train.progress=false",
+        f"train.run_dir={tmp_path / 'run'}",
+    ]
+    cfg = load_run_config(None, overrides)
+    run(cfg)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    plan = batch_plan(cfg.data)
+    sizes = [plan.batch_at(i) for i in range(5)]
+    assert sizes == [8, 8, 16, 16, 16]
+    assert [r["sequences"] for r in records] == sizes
+    assert all(math.isfinite(r["loss"]) for r in records)
+    schedule = lr_schedule(cfg.train, cfg.data)
+    np.testing.assert_allclose(
+        [r["lr"] for r in records], [float(schedule(i)) for i in range(5)], rtol=1e-6
+    )
+    # step 1 and step 3 (the first at 16 rows) compile: no rate for them, a rate for the others
+    assert [("tokens_per_s" in r) for r in records] == [False, True, False, True, True]
