@@ -1,6 +1,6 @@
 """The one table from logical axes to mesh axes, with presets and validation.
 
-Model code names logical axes only (`embed`, `heads`, `experts`, ...; see DESIGN.md). A rules
+Model code names logical axes only (`embed`, `heads`, `experts`, ...). A rules
 table maps each to a mesh axis, a tuple of mesh axes, or None (replicated). `param_shardings`
 turns the model's abstract state into NamedShardings and rejects two things, naming the parameter:
 a mesh axis used twice in one array, and a dimension not divisible by the product of its mesh axes.
