@@ -177,40 +177,6 @@ def param_shardings(state, mesh: Mesh | AbstractMesh, rules: Mapping[str, MeshAx
     )
 
 
-def tree_shardings_like(tree, params, param_sharding_tree, mesh: Mesh | AbstractMesh):
-    """Shardings for a tree of bare arrays (e.g. an optax state over a pure dict of params).
-
-    A leaf whose path ends with a parameter's path and has its shape (Adam's mu and nu under
-    `.../mu/<param path>`) takes that parameter's sharding; every other leaf (step counts,
-    scalars) is replicated.
-
-    Args:
-      tree: the tree to shard (arrays or ShapeDtypeStructs).
-      params: the parameters as a tree of arrays (the keys the optimizer saw).
-      param_sharding_tree: same structure as `params`, NamedShardings.
-      mesh: the mesh for replicated leaves.
-    Returns:
-      A tree of NamedShardings with the structure of `tree`.
-    """
-    by_path = {}
-    flat_p = jax.tree_util.tree_leaves_with_path(params)
-    flat_s = jax.tree.leaves(param_sharding_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
-    for (path, leaf), sharding in zip(flat_p, flat_s, strict=True):
-        by_path[tuple(_key(k) for k in path)] = (tuple(leaf.shape), sharding)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def one(path, leaf):
-        keys = tuple(_key(k) for k in path)
-        shape = tuple(getattr(leaf, "shape", ()))
-        for start in range(len(keys)):
-            hit = by_path.get(keys[start:])
-            if hit is not None and hit[0] == shape:
-                return hit[1]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
 def batch_spec(rules: Mapping[str, MeshAxes], mesh_sizes: Mapping[str, int]) -> PartitionSpec:
     """PartitionSpec of a [B, T] batch: B over the rules' `batch` mesh axes, T replicated."""
     axes = tuple(a for a in _flat(rules.get("batch")) if a in mesh_sizes)

@@ -101,12 +101,14 @@ def weight_decay_mask(params: nnx.State) -> dict:
 
 
 def make_optimizer(
-    tcfg: TrainConfig, data: DataConfig | None = None, *, decay_mask
+    tcfg: TrainConfig, data: DataConfig | None = None, *, decay_mask, train_mask=None
 ) -> optax.GradientTransformation:
     """clip_by_global_norm(clip_norm) -> AdamW(b1, b2, eps, weight_decay masked, mu_dtype).
 
     `decay_mask` is `weight_decay_mask(nnx.state(model, nnx.Param))`: a tree of bools shaped
-    like the params (or a callable of the params returning one). The learning rate follows
+    like the params (or a callable of the params returning one); `train_mask`
+    (`trainable_mask(model, tcfg.trainable)`, needed unless every parameter trains) zeroes the
+    updates of frozen parameters. The learning rate follows
     `lr_schedule(tcfg)` over the number of *applied* updates (optax's own count): a step skipped
     for non-finite gradients does not advance the schedule.
     """
@@ -122,4 +124,8 @@ def make_optimizer(
     )
     if tcfg.clip_norm > 0:
         adamw = optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), adamw)
-    return restrict(adamw, tcfg.trainable)  # train.trainable=mtp: zero updates elsewhere
+    if train_mask is None:
+        if tcfg.trainable != "all":
+            raise ValueError(f"train.trainable={tcfg.trainable!r} needs the model's train_mask")
+        return adamw
+    return restrict(adamw, train_mask)  # train.trainable=mtp: zero updates elsewhere

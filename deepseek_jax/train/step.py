@@ -43,6 +43,7 @@ from deepseek_jax.sharding.rules import batch_sharding, param_shardings
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, weight_decay_mask
 from deepseek_jax.train.schedule import batch_plan
+from deepseek_jax.train.trainable import trainable_mask
 
 Batch = dict[str, jax.Array]  # int32 [B, T]: input_ids, labels, loss_mask, segment_ids, positions
 # (model, batch) -> (loss, (metrics, moe_stats)); metrics holds scalars, `tokens` among them.
@@ -103,7 +104,8 @@ class RunShapes:
       graphdef: of `nnx.split(model, nnx.Param, RoutingBias, ...)`.
       params: the `nnx.Param` variables (types and `logical_axes` metadata kept).
       decay_mask: `weight_decay_mask(params)`, shaped like `state.params`.
-      optimizer: `make_optimizer(train_cfg, data, decay_mask=decay_mask)`.
+      train_mask: `trainable_mask(model, train_cfg.trainable)`, the same shape.
+      optimizer: `make_optimizer(train_cfg, data, decay_mask=..., train_mask=...)`.
       state: the TrainState of ShapeDtypeStructs.
     """
 
@@ -114,6 +116,7 @@ class RunShapes:
     graphdef: nnx.GraphDef
     params: nnx.State
     decay_mask: dict
+    train_mask: dict
     optimizer: optax.GradientTransformation
     state: TrainState
 
@@ -129,7 +132,8 @@ class RunShapes:
         model = nnx.eval_shape(lambda: DeepSeekModel(model_cfg, rngs=nnx.Rngs(0)))
         graphdef, params, biases, other = _split_model(model)
         decay_mask = weight_decay_mask(params)
-        optimizer = make_optimizer(train_cfg, data, decay_mask=decay_mask)
+        train_mask = trainable_mask(model, train_cfg.trainable)
+        optimizer = make_optimizer(train_cfg, data, decay_mask=decay_mask, train_mask=train_mask)
         pure = nnx.to_pure_dict(params)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         state = TrainState(
@@ -142,7 +146,16 @@ class RunShapes:
             skipped=scalar,
         )
         return cls(
-            model_cfg, train_cfg, data, model, graphdef, params, decay_mask, optimizer, state
+            model_cfg,
+            train_cfg,
+            data,
+            model,
+            graphdef,
+            params,
+            decay_mask,
+            train_mask,
+            optimizer,
+            state,
         )
 
     def shardings(self, mesh: Mesh, rules: dict) -> TrainState:
@@ -345,10 +358,10 @@ def make_train_step(
     if microbatch_weights not in MICROBATCH_WEIGHTS:
         raise ValueError(f"{microbatch_weights=} is invalid: allowed {MICROBATCH_WEIGHTS}")
     shapes = _shapes_for(shapes, model_cfg, train_cfg, data=data)
-    same = shapes.data == data
-    optimizer = (
-        shapes.optimizer if same else make_optimizer(train_cfg, data, decay_mask=shapes.decay_mask)
-    )
+    optimizer = shapes.optimizer
+    if shapes.data != data:  # the same masks; the schedule's token boundaries need `data`
+        masks = {"decay_mask": shapes.decay_mask, "train_mask": shapes.train_mask}
+        optimizer = make_optimizer(train_cfg, data, **masks)
     schedule = lr_schedule(train_cfg, data)
     plan = None if data is None else batch_plan(data)
     accum = train_cfg.grad_accum
