@@ -59,8 +59,9 @@ class TrainState(NamedTuple):
       params: `nnx.Param` values (float32 master weights), a pure dict keyed like the model.
       biases: `RoutingBias` values, [L_stack, E] per MoE stack; not seen by the optimizer.
       other: any other model variables (none today), carried unchanged.
-      opt_state: the optax state of `make_optimizer(train_cfg)` over `params`.
-      rng: [2] uint32 raw key data for stochastic layers (none today), folded with `step`.
+      opt_state: the optax state of `RunShapes.optimizer` over `params`.
+      rng: [2] uint32 raw key data, read by nothing today; kept because Orbax restores by tree
+        structure and existing checkpoints hold it (removing it breaks their restore).
       skipped: [] int32 steps skipped for a non-finite loss or gradient.
     """
 
