@@ -65,10 +65,10 @@ from deepseek_jax.hf.mapping import (
     hub_order,
     mtp_copies,
     param_maps,
-    parse_mesh,
     parse_rules,
     partition_spec,
 )
+from deepseek_jax.sharding.mesh import parse_mesh
 
 _DTYPE_NAMES = {"bfloat16": st.DTYPES["BF16"], "float32": st.DTYPES["F32"]}
 CHUNK_BYTES = 128 * 2**20  # cap on one zarr chunk (and one streamed read)
@@ -507,6 +507,13 @@ def _return_freed_buffers_to_os() -> None:
         pass  # not glibc
 
 
+def _target_mesh(text: str) -> dict[str, int]:
+    sizes = parse_mesh(text)
+    if any(v < 1 for v in sizes.values()):
+        raise ValueError(f"--mesh {text!r}: sizes must be positive (no -1 for a target mesh)")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m deepseek_jax.convert", description=__doc__.split("\n")[0]
@@ -546,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.src,
                 args.dst,
                 dtype=dtype,
-                mesh=parse_mesh(args.mesh) if args.mesh else None,
+                mesh=_target_mesh(args.mesh) if args.mesh else None,
                 rules=parse_rules(args.rules) if args.rules else None,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,

@@ -16,6 +16,7 @@ from flax import nnx
 
 from deepseek_jax.attention import Attention, KVCache, init_kv_cache
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.gate import RoutingBias, bias_update
 from deepseek_jax.layers import MLP, linear, param
 from deepseek_jax.mla import MLA, LatentCache, init_cache
 from deepseek_jax.moe import MoE, MoEStats
@@ -282,6 +283,68 @@ class DeepSeekModel(nnx.Module):
             self.mtp, (h, input_ids), mtp_fn, remat=self.cfg.remat, unroll=ctx.unroll
         )
         return logits, mtp_logits, stats
+
+    # ---- the parameter tree by role: callers select with these, never by attribute names ------
+    def moe_stacks(self) -> list[nnx.Module]:
+        """The stacks whose layers route tokens, in the order of `ModelOutput.moe_stats` rows:
+        the MoE layers, then the MTP modules (whose blocks are MoE blocks in an MoE model)."""
+        if not self.cfg.is_moe:
+            return []
+        return [s for s in (self.moe_layers, self.mtp) if s is not None]
+
+    def apply_bias_update(self, counts: jax.Array, gamma: jax.Array | float) -> None:
+        """Aux-loss-free balancing (V3 Sec. 2.1.2): b += gamma * sign(mean load - load) on every
+        `RoutingBias`, in place.
+
+        Args:
+          counts: [L, E] expert counts over the global batch, rows in `moe_stats` order. Fewer
+            rows than MoE layers (an objective that skips the MTP modules) leave the biases of
+            the missing trailing layers as they are.
+          gamma: [] update speed.
+        """
+        biases = [
+            var
+            for stack in self.moe_stacks()
+            for _, var in nnx.iter_graph(stack)
+            if isinstance(var, RoutingBias)
+        ]
+        total = sum(b.shape[0] for b in biases)
+        if counts.shape[0] > total:
+            raise ValueError(
+                f"routing biases cover {total} MoE layers but the counts have {counts.shape[0]}"
+            )
+        counts = jnp.pad(counts, ((0, total - counts.shape[0]), (0, 0)))  # sign(0 - 0) = 0
+        start = 0
+        for var in biases:
+            n = var.shape[0]
+            var[...] = bias_update(var[...], counts[start : start + n], gamma)
+            start += n
+
+    def pipeline_stack(self) -> str:
+        """The attribute name of the layer stack a pipeline splits over its stages: the MoE
+        layers (the dense ones run on the first stage), or a dense model's one stack."""
+        return "moe_layers" if self.cfg.is_moe else "dense_layers"
+
+    def param_groups(self) -> dict[str, tuple[str, ...]]:
+        """Attribute names of the model's parts: "embedding", "layers" (both stacks), "head"
+        (final norm and output head) and "mtp" (the MTP modules, outside the main model)."""
+        return {
+            "embedding": ("embed",),
+            "layers": ("dense_layers", "moe_layers"),
+            "head": ("norm", "lm_head"),
+            "mtp": ("mtp",),
+        }
+
+    def routed_expert_params(self) -> list[nnx.Param]:
+        """The routed experts' weights of the main model (not of the MTP modules): the
+        parameters an MoE layer holds itself, outside its router and shared-expert submodules."""
+        if self.moe_layers is None:
+            return []
+        out = []
+        for _, node in nnx.iter_graph(self.moe_layers):
+            if isinstance(node, MoE):
+                out += [v for _, v in nnx.iter_children(node) if isinstance(v, nnx.Param)]
+        return out
 
     # ---- inference with the attention cache ---------------------------------------------------
     def init_cache(

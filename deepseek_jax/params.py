@@ -36,17 +36,19 @@ def abstract_model(cfg: ModelConfig):
     return nnx.eval_shape(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(0)))
 
 
-def count_params(cfg: ModelConfig) -> ParamCount:
-    model = abstract_model(cfg)
-    sizes: dict[str, int] = {}
-    for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        sizes["/".join(str(p) for p in path)] = math.prod(leaf.shape)
-    for path, leaf in nnx.to_flat_state(nnx.state(model, RoutingBias)):
-        sizes["/".join(str(p) for p in path)] = math.prod(leaf.shape)
-    mtp = sum(v for k, v in sizes.items() if k.startswith("mtp/"))
-    main = {k: v for k, v in sizes.items() if not k.startswith("mtp/")}
-    routed = sum(v for k, v in main.items() if "/ffn/w_" in k and k.startswith("moe_layers/"))
-    total = sum(main.values())
+def count_params(cfg: ModelConfig, *, model=None) -> ParamCount:
+    """Counts of `cfg`'s model, or of `model` (e.g. a run's abstract model) when given."""
+    model = abstract_model(cfg) if model is None else model
+
+    def size(node) -> int:
+        if node is None:
+            return 0
+        leaves = nnx.to_flat_state(nnx.state(node, (nnx.Param, RoutingBias)))
+        return sum(math.prod(v.shape) for _, v in leaves)
+
+    mtp = sum(size(getattr(model, k)) for k in model.param_groups()["mtp"])
+    total = size(model) - mtp
+    routed = sum(math.prod(v.shape) for v in model.routed_expert_params())
     inactive = 0
     if cfg.is_moe:
         inactive = routed * (cfg.n_routed_experts - cfg.num_experts_per_tok) // cfg.n_routed_experts

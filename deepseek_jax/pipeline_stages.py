@@ -78,7 +78,7 @@ def pipelined_value_and_grad(
             f"{cfg.num_moe_layers} MoE layers do not split into {PP} stages "
             "(num_hidden_layers - first_k_dense_replace must be divisible by stage)"
         )
-    key = "moe_layers" if cfg.is_moe else "dense_layers"  # the stack split over the stages
+    key = model.pipeline_stack()  # the stack split over the stages
     if not cfg.is_moe and cfg.num_dense_layers % PP:
         raise ValueError(
             f"{cfg.num_dense_layers} layers do not split into {PP} stages "

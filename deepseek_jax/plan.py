@@ -46,7 +46,7 @@ from deepseek_jax.sharding.logical import use_rules
 from deepseek_jax.sharding.mesh import AXES, MeshConfig, abstract_mesh
 from deepseek_jax.sharding.rules import batch_sharding, get_rules
 from deepseek_jax.train.config import TrainConfig
-from deepseek_jax.train.step import abstract_train_state, make_train_step, train_state_shardings
+from deepseek_jax.train.step import RunShapes, make_train_step
 
 GiB = 1024**3
 # jaxpr primitive -> reported kind. Operand bytes are per device (shapes inside shard_map).
@@ -347,15 +347,15 @@ def plan(
             f"(total size {layout.batch_shards})"
         )
     train_cfg = train_cfg or TrainConfig()
-    graphdef, state = abstract_train_state(cfg, train_cfg)
-    shardings = train_state_shardings(cfg, train_cfg, mesh, rules)
+    shapes = RunShapes.build(cfg, train_cfg)  # the one abstract model of this plan
+    graphdef, state, shardings = shapes.graphdef, shapes.state, shapes.shardings(mesh, rules)
     state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
     b_sh = batch_sharding(mesh, rules)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=b_sh)
     batch_in = {"input_ids": tokens, "labels": tokens}
-    step = make_train_step(cfg, LossConfig(), train_cfg, graphdef, donate=False)
+    step = make_train_step(cfg, LossConfig(), train_cfg, graphdef, donate=False, shapes=shapes)
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(step, in_shardings=(shardings, b_sh), out_shardings=(shardings, replicated))
     start = time.perf_counter()
@@ -375,7 +375,7 @@ def plan(
     opt_bytes += _tree_local_bytes(state.biases, shardings.biases, mesh_shape)
     grad_bytes = param_bytes  # gradients have the parameters' dtype and sharding
     collectives = collectives_from_jaxpr(traced.jaxpr, mesh_shape)
-    abstract = nnx.eval_shape(lambda: _model(cfg))
+    abstract = shapes.model
     logical = {
         "/".join(str(k) for k in path): tuple(v.get_metadata().get("logical_axes", ()))
         for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
@@ -408,8 +408,9 @@ def plan(
             )
 
         # The first stage also holds the embedding; the last the norm, head and MTP modules.
-        first, last = part(("embed",)), part(("norm", "lm_head", "mtp"))
-        stage_bytes = part(("dense_layers", "moe_layers")) * frac + max(first, last)
+        groups = abstract.param_groups()
+        first, last = part(groups["embedding"]), part(groups["head"] + groups["mtp"])
+        stage_bytes = part(groups["layers"]) * frac + max(first, last)
         opt_bytes *= stage_bytes / param_bytes  # the moments follow their parameters
         param_bytes = grad_bytes = stage_bytes
         b = jnp.dtype(cfg.compute_dtype).itemsize
@@ -428,7 +429,7 @@ def plan(
             f"{L} layers (+ embedding or head/MTP), {PP + 1} micro-batches in flight "
             "(DualPipe); collectives are the stage's share of the layers, per micro-batch"
         )
-    counts = count_params(cfg)
+    counts = count_params(cfg, model=abstract)
     return Plan(
         config=config_name,
         mesh=sizes,
@@ -450,12 +451,6 @@ def plan(
         hlo_chars=hlo_chars,
         stage_note=stage_note,
     )
-
-
-def _model(cfg: ModelConfig):
-    from deepseek_jax.model import DeepSeekModel
-
-    return DeepSeekModel(cfg, rngs=nnx.Rngs(0))
 
 
 def format_plan(p: Plan) -> str:

@@ -143,16 +143,14 @@ def test_hf_config_errors(tmp_path):
 
 
 def test_v2_defaults_from_hf():
-    cfg = ModelConfig.from_dict(
-        _hf_v3(
-            model_type="deepseek_v2",
-            topk_method="greedy",
-            scoring_func="softmax",
-            n_group=1,
-            topk_group=1,
-        )
-    )
-    assert cfg.topk_method == "greedy" and cfg.scoring_func == "softmax"
+    # A deepseek_v2 config.json without topk_method, scoring_func or the MTP count gets V2's
+    # defaults (greedy softmax routing, no MTP modules), not the V3 ones of the base dict.
+    raw = _hf_v3(model_type="deepseek_v2", n_group=1, topk_group=1)
+    for key in ("topk_method", "scoring_func", "num_nextn_predict_layers"):
+        del raw[key]
+    cfg = ModelConfig.from_dict(raw)
+    assert (cfg.topk_method, cfg.scoring_func) == ("greedy", "softmax")
+    assert cfg.num_nextn_predict_layers == 0
 
 
 def test_yaml_roundtrip(tmp_path):

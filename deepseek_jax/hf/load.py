@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding
 
 from deepseek_jax.config import ModelConfig
@@ -279,16 +279,6 @@ def _sharding_fn(mesh: Mesh | None, rules: Mapping[str, Any] | None):
     return fn
 
 
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
-
-
 def _merge(graphdef, state, values: dict[tuple[str, ...], Any], fp8=None):
     """The model from `values` by path; `fp8` paths become Fp8Params (FP8 serving weights)."""
     fp8 = fp8 or {}
@@ -299,7 +289,7 @@ def _merge(graphdef, state, values: dict[tuple[str, ...], Any], fp8=None):
             f"parameter maps do not cover the model: missing {sorted(paths - given)[:3]}, "
             f"extra {sorted(given - paths)[:3]}"
         )
-    nnx.replace_by_pure_dict(state, _nest(values))
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(values))
     model = nnx.merge(graphdef, state)
     fp8_params.install(model, fp8)
     return model
@@ -453,17 +443,8 @@ def load_orbax(
     for path, var in nnx.to_flat_state(state):
         path = tuple(str(p) for p in path)
         target[path] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(path, var))
-    restored = ocp.StandardCheckpointer().restore(directory, _nest(target))
-    flat = {path: restored_leaf for path, restored_leaf in _flatten(restored)}
-    return _merge(graphdef, state, flat)
-
-
-def _flatten(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
+    restored = ocp.StandardCheckpointer().restore(directory, traverse_util.unflatten_dict(target))
+    return _merge(graphdef, state, traverse_util.flatten_dict(restored))
 
 
 def is_orbax_checkpoint(directory: str) -> bool:

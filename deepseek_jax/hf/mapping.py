@@ -344,17 +344,6 @@ def partition_spec(
     return spec_for(where, tuple(shape), axes, rules, dict(mesh_shape))
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """'data=1,fsdp=8' -> {'data': 1, 'fsdp': 8}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, size = part.partition("=")
-        if not name or not size.isdigit() or int(size) < 1:
-            raise ValueError(f"mesh {text!r}: expected 'axis=size,...' with positive sizes")
-        out[name] = int(size)
-    return out
-
-
 def parse_rules(text: str) -> dict[str, str | tuple[str, ...] | None]:
     """'embed=fsdp,experts=expert,vocab=' -> {'embed': 'fsdp', ..., 'vocab': None}."""
     out: dict[str, Any] = {}

@@ -18,6 +18,21 @@ from jax.sharding import AxisType, Mesh
 AXES = ("data", "fsdp", "expert", "tensor", "stage")
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """'expert=64, fsdp=32' -> {'expert': 64, 'fsdp': 32}: the named axes only (the one parser of
+    mesh strings: the run config's, the planner's and the converter's)."""
+    sizes: dict[str, int] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = (p.strip() for p in item.partition("="))
+        if not sep or name not in AXES:
+            raise ValueError(f"mesh {text!r}: expected axis=size with axis in {AXES}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"mesh {text!r}: size of {name!r} must be an integer") from None
+    return sizes
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the mesh axes; one axis may be -1 to take the remaining devices."""
@@ -51,18 +66,7 @@ class MeshConfig:
     @classmethod
     def from_string(cls, text: str, rules: str = "fsdp") -> MeshConfig:
         """Parses 'expert=64,fsdp=32' (unnamed axes default to 1; one size may be -1)."""
-        sizes = dict.fromkeys(AXES, 1)
-        for item in filter(None, (t.strip() for t in text.split(","))):
-            name, sep, value = item.partition("=")
-            if not sep or name.strip() not in AXES:
-                raise ValueError(f"mesh {text!r}: expected axis=size with axis in {AXES}")
-            try:
-                sizes[name.strip()] = int(value)
-            except ValueError:
-                raise ValueError(
-                    f"mesh {text!r}: size of {name.strip()!r} must be an integer"
-                ) from None
-        return cls(**sizes, rules=rules)
+        return cls(**{**dict.fromkeys(AXES, 1), **parse_mesh(text)}, rules=rules)
 
     def resolve(self, num_devices: int) -> dict[str, int]:
         """Axis sizes with -1 filled in; raises if they do not multiply to `num_devices`."""

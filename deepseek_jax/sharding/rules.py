@@ -1,6 +1,6 @@
 """The one table from logical axes to mesh axes, with presets and validation.
 
-Model code names logical axes only (`embed`, `heads`, `experts`, ...; see DESIGN.md). A rules
+Model code names logical axes only (`embed`, `heads`, `experts`, ...). A rules
 table maps each to a mesh axis, a tuple of mesh axes, or None (replicated). `param_shardings`
 turns the model's abstract state into NamedShardings and rejects two things, naming the parameter:
 a mesh axis used twice in one array, and a dimension not divisible by the product of its mesh axes.
@@ -175,40 +175,6 @@ def param_shardings(state, mesh: Mesh | AbstractMesh, rules: Mapping[str, MeshAx
     return jax.tree.map(
         lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
-
-
-def tree_shardings_like(tree, params, param_sharding_tree, mesh: Mesh | AbstractMesh):
-    """Shardings for a tree of bare arrays (e.g. an optax state over a pure dict of params).
-
-    A leaf whose path ends with a parameter's path and has its shape (Adam's mu and nu under
-    `.../mu/<param path>`) takes that parameter's sharding; every other leaf (step counts,
-    scalars) is replicated.
-
-    Args:
-      tree: the tree to shard (arrays or ShapeDtypeStructs).
-      params: the parameters as a tree of arrays (the keys the optimizer saw).
-      param_sharding_tree: same structure as `params`, NamedShardings.
-      mesh: the mesh for replicated leaves.
-    Returns:
-      A tree of NamedShardings with the structure of `tree`.
-    """
-    by_path = {}
-    flat_p = jax.tree_util.tree_leaves_with_path(params)
-    flat_s = jax.tree.leaves(param_sharding_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
-    for (path, leaf), sharding in zip(flat_p, flat_s, strict=True):
-        by_path[tuple(_key(k) for k in path)] = (tuple(leaf.shape), sharding)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def one(path, leaf):
-        keys = tuple(_key(k) for k in path)
-        shape = tuple(getattr(leaf, "shape", ()))
-        for start in range(len(keys)):
-            hit = by_path.get(keys[start:])
-            if hit is not None and hit[0] == shape:
-                return hit[1]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def batch_spec(rules: Mapping[str, MeshAxes], mesh_sizes: Mapping[str, int]) -> PartitionSpec:

@@ -27,6 +27,7 @@ from deepseek_jax.train.loop import main, run
 from deepseek_jax.train.metrics import MetricsLogger
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, weight_decay_mask
 from deepseek_jax.train.step import (
+    RunShapes,
     TrainState,
     abstract_train_state,
     init_train_state,
@@ -41,6 +42,7 @@ __all__ = [
     "DistConfig",
     "MetricsLogger",
     "RunConfig",
+    "RunShapes",
     "TrainConfig",
     "TrainState",
     "abstract_train_state",

@@ -5,7 +5,7 @@ twice that backward (input and weight gradients), so each weight used by a token
 per training token. Element-wise work (norms, activations, softmax, RoPE, routing top-k) and the
 embedding lookup (a gather) are not counted; the output head is.
 
-Per token, with dimension letters of DESIGN.md (d_qk = qk_nope + R, d_v = v_head_dim):
+Per token, with the project's dimension letters (d_qk = qk_nope + R, d_v = v_head_dim):
 
   weights used (P_tok):
     MLA, per layer:  D Q + Q N d_qk          (query: down, up incl. the rope part; or D N d_qk)

@@ -44,13 +44,7 @@ from deepseek_jax.train.flops import describe_peak, flops_per_token, mfu
 from deepseek_jax.train.metrics import MetricsLogger, real_tokens, token_rates
 from deepseek_jax.train.resume import ConfigChangeError, check_resume
 from deepseek_jax.train.runlock import RunLock, RunLockedError
-from deepseek_jax.train.step import (
-    TrainState,
-    abstract_train_state,
-    init_train_state,
-    make_train_step,
-    train_state_shardings,
-)
+from deepseek_jax.train.step import RunShapes, TrainState, init_train_state, make_train_step
 from deepseek_jax.train.trainable import load_initial_params
 
 
@@ -303,7 +297,9 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
     rules = get_rules(cfg.mesh.rules)
     tokenizer = check_vocab(cfg)
     ckpt, stored = open_run(cfg, run_dir, ckpt_dir, allow_config_change)
-    counts = count_params(cfg.model)
+    # The model and optimizer as shapes, built once: counts, restore, init and the step use it.
+    shapes = RunShapes.build(cfg.model, tcfg, seed=tcfg.seed, data=cfg.data)
+    counts = count_params(cfg.model, model=shapes.model)
     _say(f"run_dir {run_dir}")
     _say(
         f"model: {counts.total / 1e6:.2f}M params ({counts.activated / 1e6:.2f}M activated, "
@@ -324,8 +320,8 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
             cfg.data, process_index=data_index, process_count=data_count, tokenizer=tokenizer
         )
     )
-    graphdef, abstract = abstract_train_state(cfg.model, tcfg, seed=tcfg.seed)
-    shardings = train_state_shardings(cfg.model, tcfg, mesh, rules)
+    graphdef, abstract = shapes.graphdef, shapes.state
+    shardings = shapes.shardings(mesh, rules)
     restored = None
     if cfg.checkpoint.resume:
         target = jax.tree.map(
@@ -347,10 +343,12 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
     elif init_model is not None:
         from deepseek_jax.train.post_run import state_from_model
 
-        graphdef, state = state_from_model(init_model, cfg, mesh, rules)
+        graphdef, state = state_from_model(init_model, cfg, mesh, rules, shapes=shapes)
         start = 0
     else:
-        graphdef, state = init_train_state(cfg.model, tcfg, seed=tcfg.seed, mesh=mesh, rules=rules)
+        graphdef, state = init_train_state(
+            cfg.model, tcfg, seed=tcfg.seed, mesh=mesh, rules=rules, shapes=shapes
+        )
         start = 0
         if tcfg.init_from is not None:
             state, n_in, n_new = load_initial_params(state, graphdef, tcfg.init_from)
@@ -364,6 +362,7 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
         rules=rules,
         pipeline=cfg.pipeline,
         data=cfg.data,
+        shapes=shapes,
     )
     sharding = batch_sharding(mesh, rules)
 

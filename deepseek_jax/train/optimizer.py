@@ -22,16 +22,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx, traverse_util
 
 from deepseek_jax.data import DataConfig
+from deepseek_jax.norm import NormScale
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.schedule import v3_lr_schedule
 from deepseek_jax.train.trainable import restrict
-
-# Path components that mark a parameter as exempt from weight decay: every RMSNorm scale (the
-# model names its norms attn_norm, ffn_norm, q_norm, kv_norm, enorm, hnorm, norm) and biases.
-_NO_DECAY_SUFFIXES = ("norm",)
-_NO_DECAY_LEAVES = ("bias",)
 
 
 def _warmup(step: jax.Array, tcfg: TrainConfig) -> jax.Array:
@@ -88,39 +85,32 @@ def lr_schedule(
     return schedule
 
 
-def _key_name(k) -> str:
-    return str(getattr(k, "key", getattr(k, "name", k)))
+def weight_decay_mask(params: nnx.State) -> dict:
+    """True where a parameter is decayed: every `nnx.Param` except the `NormScale`s.
 
-
-def weight_decay_mask(params):
-    """True where a parameter is decayed: everything but norm scales and biases.
+    Chosen by variable type, so renaming a module cannot change what is decayed.
 
     Args:
-      params: a pytree keyed like the model (a pure dict from `nnx.split`/`nnx.to_pure_dict`).
+      params: the model's parameters as variables, `nnx.state(model, nnx.Param)` of a real or an
+        abstract (`nnx.eval_shape`) model.
     Returns:
-      A same-structured tree of bools.
+      A tree of bools shaped like `nnx.to_pure_dict(params)` (the train state's params).
     """
-
-    def decay(path, leaf):
-        names = [_key_name(k) for k in path]
-        if names and names[-1] in _NO_DECAY_LEAVES:
-            return False
-        if any(n.endswith(_NO_DECAY_SUFFIXES) for n in names):
-            return False
-        # A 1-d parameter is a norm scale or a bias whatever its name (stacked layers add a dim,
-        # so a stacked norm is recognised by its name above).
-        return getattr(leaf, "ndim", 2) >= 2
-
-    return jax.tree_util.tree_map_with_path(decay, params)
+    flat = {path: not isinstance(v, NormScale) for path, v in nnx.to_flat_state(params)}
+    return traverse_util.unflatten_dict(flat)
 
 
 def make_optimizer(
-    tcfg: TrainConfig, data: DataConfig | None = None
+    tcfg: TrainConfig, data: DataConfig | None = None, *, decay_mask, train_mask=None
 ) -> optax.GradientTransformation:
     """clip_by_global_norm(clip_norm) -> AdamW(b1, b2, eps, weight_decay masked, mu_dtype).
 
-    The learning rate follows `lr_schedule(tcfg)` over the number of *applied* updates (optax's
-    own count): a step skipped for non-finite gradients does not advance the schedule.
+    `decay_mask` is `weight_decay_mask(nnx.state(model, nnx.Param))`: a tree of bools shaped
+    like the params (or a callable of the params returning one); `train_mask`
+    (`trainable_mask(model, tcfg.trainable)`, needed unless every parameter trains) zeroes the
+    updates of frozen parameters. The learning rate follows
+    `lr_schedule(tcfg)` over the number of *applied* updates (optax's own count): a step skipped
+    for non-finite gradients does not advance the schedule.
     """
     mu_dtype = jnp.bfloat16 if tcfg.mu_dtype == "bfloat16" else None
     adamw = optax.adamw(
@@ -129,9 +119,13 @@ def make_optimizer(
         b2=tcfg.b2,
         eps=tcfg.eps,
         weight_decay=tcfg.weight_decay,
-        mask=weight_decay_mask,
+        mask=decay_mask,
         mu_dtype=mu_dtype,
     )
     if tcfg.clip_norm > 0:
         adamw = optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), adamw)
-    return restrict(adamw, tcfg.trainable)  # train.trainable=mtp: zero updates elsewhere
+    if train_mask is None:
+        if tcfg.trainable != "all":
+            raise ValueError(f"train.trainable={tcfg.trainable!r} needs the model's train_mask")
+        return adamw
+    return restrict(adamw, train_mask)  # train.trainable=mtp: zero updates elsewhere

@@ -59,17 +59,15 @@ from deepseek_jax.train.objectives_post import (
     grpo_reference,
     sft_objective,
 )
-from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.post_config import PostConfig
 from deepseek_jax.train.step import (
+    RunShapes,
     TrainState,
     _contexts,
     _split_model,
-    abstract_train_state,
     init_train_state,
     make_train_step,
     place_batch,
-    train_state_shardings,
 )
 
 REWARD_FNS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
@@ -106,9 +104,13 @@ def resolve_init(cfg: RunConfig):
     return dataclasses.replace(cfg, model=model_cfg), model
 
 
-def state_from_model(model, cfg: RunConfig, mesh=None, rules=None) -> tuple[Any, TrainState]:
+def state_from_model(
+    model, cfg: RunConfig, mesh=None, rules=None, shapes: RunShapes | None = None
+) -> tuple[Any, TrainState]:
     """(graphdef, TrainState at step 0) holding `model`'s weights, in the run's shardings."""
-    graphdef, abstract = abstract_train_state(cfg.model, cfg.train, seed=cfg.train.seed)
+    if shapes is None:
+        shapes = RunShapes.build(cfg.model, cfg.train, seed=cfg.train.seed)
+    abstract = shapes.state
     _, params, biases, other = _split_model(model)
     params, biases, other = (nnx.to_pure_dict(x) for x in (params, biases, other))
     want = jax.tree.structure(abstract.params)
@@ -124,13 +126,13 @@ def state_from_model(model, cfg: RunConfig, mesh=None, rules=None) -> tuple[Any,
         params=params,
         biases=jax.tree.map(jnp.array, biases),
         other=jax.tree.map(jnp.array, other),
-        opt_state=make_optimizer(cfg.train).init(params),
+        opt_state=shapes.optimizer.init(params),
         rng=jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
         skipped=jnp.zeros((), jnp.int32),
     )
     if mesh is not None:
-        state = jax.device_put(state, train_state_shardings(cfg.model, cfg.train, mesh, rules))
-    return graphdef, state
+        state = jax.device_put(state, shapes.shardings(mesh, rules))
+    return shapes.graphdef, state
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -429,19 +431,21 @@ def run_post(
         tcfg = dataclasses.replace(tcfg, bias_update_speed=0.0)
     mesh, rules = make_mesh(cfg.mesh), get_rules(cfg.mesh.rules)
     ckpt, stored = open_run(cfg, run_dir, ckpt_dir, allow_config_change)
+    # One abstract model and optimizer for the run (init, restore, step); its optimizer state
+    # does not depend on the bias-update speed that `tcfg` may have zeroed.
+    shapes = RunShapes.build(cfg.model, tcfg, seed=tcfg.seed, data=cfg.data)
     if init_model is not None:
-        graphdef, state = state_from_model(init_model, cfg, mesh, rules)
+        graphdef, state = state_from_model(init_model, cfg, mesh, rules, shapes=shapes)
         del init_model
         _say(f"{tcfg.task}: starting from {tcfg.init_from}")
     else:
         graphdef, state = init_train_state(
-            cfg.model, cfg.train, seed=tcfg.seed, mesh=mesh, rules=rules
+            cfg.model, tcfg, seed=tcfg.seed, mesh=mesh, rules=rules, shapes=shapes
         )
     task = Task(cfg, graphdef, state, mesh, rules, reward_fns)  # the reference = these weights
     start = 0
     if stored is not None:
-        abstract = abstract_train_state(cfg.model, cfg.train, seed=tcfg.seed)[1]
-        shardings = train_state_shardings(cfg.model, cfg.train, mesh, rules)
+        abstract, shardings = shapes.state, shapes.shardings(mesh, rules)
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
@@ -462,6 +466,7 @@ def run_post(
         data=cfg.data,
         objective=objective,
         microbatch_weights=weights,
+        shapes=shapes,
     )
     logger = MetricsLogger(
         run_dir,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flax import traverse_util
+
 # section.field names (or whole sections ending in ".") whose change cannot break a resumed run.
 SAFE = (
     "train.steps",
@@ -55,15 +57,6 @@ class ConfigChangeError(ValueError):
     """The new run config changes fields that the checkpoint's run cannot continue with."""
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -76,7 +69,7 @@ def diff_configs(
     old: dict[str, Any], new: dict[str, Any]
 ) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
     """(breaking, safe) changes between two `RunConfig.to_dict()` trees, as (key, old, new)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = (traverse_util.flatten_dict(t, sep=".") for t in (old, new))
     missing = object()
     breaking, safe = [], []
     for key in sorted(set(a) | set(b)):

@@ -21,6 +21,7 @@ in `ModelConfig.dtype` (bf16 on accelerators), casting weights at each use.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import DataConfig
-from deepseek_jax.gate import RoutingBias, bias_update
+from deepseek_jax.gate import RoutingBias
 from deepseek_jax.losses import LossConfig, total_loss
 from deepseek_jax.model import DeepSeekModel
 from deepseek_jax.pipeline_stages import pipelined_value_and_grad, split_microbatches
@@ -40,15 +41,14 @@ from deepseek_jax.sharding.logical import suspend_rules, use_rules
 from deepseek_jax.sharding.pipeline import PipelineConfig
 from deepseek_jax.sharding.rules import batch_sharding, param_shardings
 from deepseek_jax.train.config import TrainConfig
-from deepseek_jax.train.optimizer import lr_schedule, make_optimizer
+from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, weight_decay_mask
 from deepseek_jax.train.schedule import batch_plan
+from deepseek_jax.train.trainable import trainable_mask
 
 Batch = dict[str, jax.Array]  # int32 [B, T]: input_ids, labels, loss_mask, segment_ids, positions
 # (model, batch) -> (loss, (metrics, moe_stats)); metrics holds scalars, `tokens` among them.
 Objective = Callable[[DeepSeekModel, Batch], tuple[jax.Array, tuple[dict, Any]]]
 MICROBATCH_WEIGHTS = ("tokens", "rows")
-# Stacks that carry a RoutingBias, in the order their MoEStats are concatenated by the model.
-_MOE_STACKS = ("moe_layers", "mtp")
 
 
 class TrainState(NamedTuple):
@@ -59,8 +59,9 @@ class TrainState(NamedTuple):
       params: `nnx.Param` values (float32 master weights), a pure dict keyed like the model.
       biases: `RoutingBias` values, [L_stack, E] per MoE stack; not seen by the optimizer.
       other: any other model variables (none today), carried unchanged.
-      opt_state: the optax state of `make_optimizer(train_cfg)` over `params`.
-      rng: [2] uint32 raw key data for stochastic layers (none today), folded with `step`.
+      opt_state: the optax state of `RunShapes.optimizer` over `params`.
+      rng: [2] uint32 raw key data, read by nothing today; kept because Orbax restores by tree
+        structure and existing checkpoints hold it (removing it breaks their restore).
       skipped: [] int32 steps skipped for a non-finite loss or gradient.
     """
 
@@ -93,40 +94,124 @@ def _create(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, see
     )
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunShapes:
+    """A run's model and train state as shapes, built once (`RunShapes.build`, nothing
+    allocated) and handed to whatever needs shapes or shardings: init, restore, the step, plan.
+
+    Attributes:
+      model_cfg, train_cfg, data: what it was built from.
+      model: the abstract `DeepSeekModel` (variables hold ShapeDtypeStructs and their metadata).
+      graphdef: of `nnx.split(model, nnx.Param, RoutingBias, ...)`.
+      params: the `nnx.Param` variables (types and `logical_axes` metadata kept).
+      decay_mask: `weight_decay_mask(params)`, shaped like `state.params`.
+      train_mask: `trainable_mask(model, train_cfg.trainable)`, the same shape.
+      optimizer: `make_optimizer(train_cfg, data, decay_mask=..., train_mask=...)`.
+      state: the TrainState of ShapeDtypeStructs.
+    """
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    data: DataConfig | None
+    model: DeepSeekModel
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    decay_mask: dict
+    train_mask: dict
+    optimizer: optax.GradientTransformation
+    state: TrainState
+
+    @classmethod
+    def build(
+        cls,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        *,
+        seed: int = 0,
+        data: DataConfig | None = None,
+    ) -> RunShapes:
+        model = nnx.eval_shape(lambda: DeepSeekModel(model_cfg, rngs=nnx.Rngs(0)))
+        graphdef, params, biases, other = _split_model(model)
+        decay_mask = weight_decay_mask(params)
+        train_mask = trainable_mask(model, train_cfg.trainable)
+        optimizer = make_optimizer(train_cfg, data, decay_mask=decay_mask, train_mask=train_mask)
+        pure = nnx.to_pure_dict(params)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        state = TrainState(
+            step=scalar,
+            params=pure,
+            biases=nnx.to_pure_dict(biases),
+            other=nnx.to_pure_dict(other),
+            opt_state=jax.eval_shape(optimizer.init, pure),
+            rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(seed + 1))),
+            skipped=scalar,
+        )
+        return cls(
+            model_cfg,
+            train_cfg,
+            data,
+            model,
+            graphdef,
+            params,
+            decay_mask,
+            train_mask,
+            optimizer,
+            state,
+        )
+
+    def shardings(self, mesh: Mesh, rules: dict) -> TrainState:
+        """NamedShardings of every TrainState leaf.
+
+        Params follow their `logical_axes` through `rules` (sharding.rules.param_shardings); the
+        optimizer's per-parameter moments follow their parameter (`optax.tree_map_params`);
+        routing biases, counters and the RNG are replicated.
+        """
+        replicated = NamedSharding(mesh, PartitionSpec())
+        p_shard = nnx.to_pure_dict(param_shardings(self.params, mesh, rules))
+        opt_shard = optax.tree_map_params(
+            self.optimizer,
+            lambda _, s: s,
+            self.state.opt_state,
+            p_shard,
+            transform_non_params=lambda _: replicated,
+        )
+        return self.state._replace(
+            step=replicated,
+            params=p_shard,
+            biases=jax.tree.map(lambda _: replicated, self.state.biases),
+            other=jax.tree.map(lambda _: replicated, self.state.other),
+            opt_state=opt_shard,
+            rng=replicated,
+            skipped=replicated,
+        )
+
+
+def _shapes_for(shapes: RunShapes | None, model_cfg, train_cfg, **build) -> RunShapes:
+    if shapes is None:
+        return RunShapes.build(model_cfg, train_cfg, **build)
+    if shapes.model_cfg != model_cfg or shapes.train_cfg != train_cfg:
+        raise ValueError("shapes= was built for another model or train config than the one given")
+    return shapes
+
+
 def abstract_train_state(
     model_cfg: ModelConfig, train_cfg: TrainConfig, *, seed: int = 0
 ) -> tuple[nnx.GraphDef, TrainState]:
     """The graphdef and the train state as ShapeDtypeStructs (nothing allocated)."""
-    optimizer = make_optimizer(train_cfg)
-    graphdef, *_ = _split_model(nnx.eval_shape(lambda: DeepSeekModel(model_cfg, rngs=nnx.Rngs(0))))
-    return graphdef, jax.eval_shape(lambda: _create(model_cfg, optimizer, seed))
+    shapes = RunShapes.build(model_cfg, train_cfg, seed=seed)
+    return shapes.graphdef, shapes.state
 
 
-def train_state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, rules: dict):
-    """NamedShardings of every TrainState leaf.
-
-    Params follow their `logical_axes` through `rules` (sharding.rules.param_shardings); the
-    optimizer's per-parameter moments follow their parameter (`optax.tree_map_params`); routing
-    biases, counters and the RNG are replicated.
-    """
-    abstract_model = nnx.eval_shape(lambda: DeepSeekModel(model_cfg, rngs=nnx.Rngs(0)))
-    _, params, biases, other = _split_model(abstract_model)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    p_shard = nnx.to_pure_dict(param_shardings(params, mesh, rules))
-    optimizer = make_optimizer(train_cfg)
-    abstract_opt = jax.eval_shape(optimizer.init, nnx.to_pure_dict(params))
-    opt_shard = optax.tree_map_params(
-        optimizer, lambda _, s: s, abstract_opt, p_shard, transform_non_params=lambda _: replicated
-    )
-    return TrainState(
-        step=replicated,
-        params=p_shard,
-        biases=jax.tree.map(lambda _: replicated, nnx.to_pure_dict(biases)),
-        other=jax.tree.map(lambda _: replicated, nnx.to_pure_dict(other)),
-        opt_state=opt_shard,
-        rng=replicated,
-        skipped=replicated,
-    )
+def train_state_shardings(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    mesh: Mesh,
+    rules: dict,
+    *,
+    shapes: RunShapes | None = None,
+):
+    """`RunShapes.shardings` of the run's (or a freshly built) RunShapes."""
+    return _shapes_for(shapes, model_cfg, train_cfg).shardings(mesh, rules)
 
 
 def init_train_state(
@@ -136,6 +221,7 @@ def init_train_state(
     seed: int = 0,
     mesh: Mesh | None = None,
     rules: dict | None = None,
+    shapes: RunShapes | None = None,
 ) -> tuple[nnx.GraphDef, TrainState]:
     """Creates the model's parameters and optimizer state directly in their final shardings.
 
@@ -148,21 +234,20 @@ def init_train_state(
       train_cfg: supplies the optimizer (its state is created here).
       seed: parameter initialisation seed.
       mesh, rules: the device mesh and logical-axis rules (sharding.rules); None = one device.
+      shapes: the run's RunShapes (built here when None).
     Returns:
       (graphdef, state): `nnx.merge(graphdef, state.params, state.biases, state.other)` is the
       model.
     """
-    optimizer = make_optimizer(train_cfg)
-    graphdef, _ = abstract_train_state(model_cfg, train_cfg, seed=seed)
-    out_shardings = None
-    if mesh is not None:
-        out_shardings = train_state_shardings(model_cfg, train_cfg, mesh, rules or {})
+    shapes = _shapes_for(shapes, model_cfg, train_cfg, seed=seed)
+    out_shardings = None if mesh is None else shapes.shardings(mesh, rules or {})
+    optimizer = shapes.optimizer
     create = jax.jit(lambda: _create(model_cfg, optimizer, seed), out_shardings=out_shardings)
     # The initialiser runs once: on CPU, where LLVM optimisation of its many random-number
     # kernels dominates (~2.5x the compile time), compile it unoptimised.
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
     with _contexts(mesh, rules):
-        return graphdef, create.lower().compile(compiler_options=options)()
+        return shapes.graphdef, create.lower().compile(compiler_options=options)()
 
 
 @contextlib.contextmanager
@@ -175,30 +260,22 @@ def _contexts(mesh: Mesh | None, rules: dict | None):
         yield
 
 
-def update_biases(biases: dict, counts: jax.Array, gamma: jax.Array) -> dict:
-    """Applies `gate.bias_update` to every MoE stack's routing bias.
+def update_biases(
+    graphdef: nnx.GraphDef, state: TrainState, counts: jax.Array, gamma: jax.Array
+) -> dict:
+    """`state.biases` after `DeepSeekModel.apply_bias_update(counts, gamma)`.
 
     Args:
-      biases: TrainState.biases, {'moe_layers': ...bias [L_moe, E], 'mtp': ...bias [D_mtp, E]}.
-      counts: [L, E] expert counts over the global batch, MoE layers then MTP layers (the order
-        of `ModelOutput.moe_stats`).
+      graphdef, state: the model (`nnx.merge(graphdef, state.params, state.biases, state.other)`).
+      counts: [L, E] expert counts over the global batch in `ModelOutput.moe_stats` row order
+        (MoE layers, then MTP layers; without the MTP rows those biases stay as they are).
       gamma: [] update speed.
     Returns:
-      The updated biases (same structure).
+      The updated biases (the structure of `state.biases`).
     """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(biases)
-    order = sorted(range(len(leaves)), key=lambda i: _MOE_STACKS.index(leaves[i][0][0].key))
-    total = sum(leaves[i][1].shape[0] for i in order)
-    if total != counts.shape[0]:
-        raise ValueError(
-            f"routing biases cover {total} MoE layers but moe_stats has {counts.shape[0]}"
-        )
-    new, start = [None] * len(leaves), 0
-    for i in order:
-        b = leaves[i][1]
-        new[i] = bias_update(b, counts[start : start + b.shape[0]], gamma)
-        start += b.shape[0]
-    return jax.tree_util.tree_unflatten(treedef, new)
+    model = nnx.merge(graphdef, state.params, state.biases, state.other)
+    model.apply_bias_update(counts, gamma)
+    return nnx.to_pure_dict(nnx.state(model, RoutingBias))
 
 
 def all_finite(tree) -> jax.Array:
@@ -249,6 +326,7 @@ def make_train_step(
     data: DataConfig | None = None,
     objective: Objective | None = None,
     microbatch_weights: str = "tokens",
+    shapes: RunShapes | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the jitted `step(state, batch) -> (state, metrics)`.
 
@@ -270,6 +348,7 @@ def make_train_step(
       microbatch_weights: how `grad_accum` micro-batches are weighted: "tokens" (by their
         `loss_mask` sums: exact for a token-mean loss) or "rows" (equally: exact for a mean over
         rows, e.g. DPO or GRPO's per-sequence mean).
+      shapes: the run's RunShapes (its decay mask and shardings); built here when None.
     Returns:
       A jitted function. `batch` holds int32 [B, T] `input_ids`, `labels` and optionally
       `loss_mask`, `segment_ids`, `positions`; B must divide by `train_cfg.grad_accum`. Metrics
@@ -279,7 +358,11 @@ def make_train_step(
     """
     if microbatch_weights not in MICROBATCH_WEIGHTS:
         raise ValueError(f"{microbatch_weights=} is invalid: allowed {MICROBATCH_WEIGHTS}")
-    optimizer = make_optimizer(train_cfg, data)
+    shapes = _shapes_for(shapes, model_cfg, train_cfg, data=data)
+    optimizer = shapes.optimizer
+    if shapes.data != data:  # the same masks; the schedule's token boundaries need `data`
+        masks = {"decay_mask": shapes.decay_mask, "train_mask": shapes.train_mask}
+        optimizer = make_optimizer(train_cfg, data, **masks)
     schedule = lr_schedule(train_cfg, data)
     plan = None if data is None else batch_plan(data)
     accum = train_cfg.grad_accum
@@ -368,7 +451,7 @@ def make_train_step(
             finite = finite & all_finite((params, opt_state))  # e.g. lr=nan: finite grads
             biases = state.biases
             if counts is not None and jax.tree.leaves(biases):
-                biases = update_biases(biases, _pad_layers(counts, biases), gamma)
+                biases = update_biases(graphdef, state, counts, gamma)
 
             def keep(new, old):  # a non-finite step leaves everything as it was
                 return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -405,7 +488,7 @@ def make_train_step(
     if mesh is None:
         jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
     else:
-        shardings = train_state_shardings(model_cfg, train_cfg, mesh, rules or {})
+        shardings = shapes.shardings(mesh, rules or {})
         # The pretraining batch is all [B, T]; another objective's may mix ranks, so its leaves
         # are placed one by one (`place_batch`) and jit takes their shardings as they come.
         batch_in = batch_sharding(mesh, rules or {}) if objective is None else None
@@ -416,15 +499,6 @@ def make_train_step(
             donate_argnums=(0,) if donate else (),
         )
     return _MeshBound(jitted, mesh, rules, place=objective is not None)
-
-
-def _pad_layers(counts: jax.Array, biases: dict) -> jax.Array:
-    """Expert counts of the main stack only (DPO / GRPO skip the MTP modules) get zero rows for
-    the MTP layers, whose biases then stay as they are (sign(0 - 0) = 0)."""
-    total = sum(b.shape[0] for b in jax.tree.leaves(biases))
-    if counts.shape[0] < total:
-        counts = jnp.pad(counts, ((0, total - counts.shape[0]), (0, 0)))
-    return counts
 
 
 def place_batch(batch: Batch, mesh: Mesh | None, rules: dict | None) -> Batch:

@@ -13,41 +13,54 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx, traverse_util
 
 TRAINABLE = ("all", "mtp")
 
 
-def _label(path) -> str:
-    first = getattr(path[0], "key", getattr(path[0], "name", path[0])) if path else None
-    return "train" if str(first) == "mtp" else "frozen"
+def trainable_mask(model, trainable: str) -> dict:
+    """True for the parameters a run trains: every one ("all"), or those of the MTP modules
+    ("mtp"), found by identity among `model.param_groups()["mtp"]`'s variables.
+
+    Args:
+      model: the (abstract or real) DeepSeekModel.
+      trainable: `TrainConfig.trainable`.
+    Returns:
+      A tree of bools shaped like `nnx.to_pure_dict(nnx.state(model, nnx.Param))`.
+    """
+    if trainable not in TRAINABLE:
+        raise ValueError(f"train.trainable={trainable!r}: allowed {list(TRAINABLE)}")
+    mtp = {
+        id(v)
+        for name in model.param_groups()["mtp"]
+        if getattr(model, name) is not None
+        for _, v in nnx.iter_graph(getattr(model, name))
+        if isinstance(v, nnx.Variable)
+    }
+    flat = {
+        path: trainable == "all" or id(v) in mtp
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    return traverse_util.unflatten_dict(flat)
 
 
-def trainable_labels(params) -> dict:
-    """ "train" for the MTP modules' parameters (top-level `mtp`), "frozen" for the rest."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: _label(p), params)
-
-
-def restrict(optimizer: optax.GradientTransformation, trainable: str):
-    """The optimizer for `trainable` ("all": unchanged; "mtp": zero updates outside `mtp`).
+def restrict(optimizer: optax.GradientTransformation, mask: dict):
+    """The optimizer with zero updates wherever `mask` (`trainable_mask`) is False.
 
     The frozen parameters' gradients are zeroed before the optimizer (so clipping and Adam's
-    moments see the MTP modules only) and their updates after it (no weight decay). The state
+    moments see the trained ones only) and their updates after it (no weight decay). The state
     keeps the inner optimizer's structure over every parameter, so a checkpoint of a full run
     resumes as an MTP-only run and back.
     """
-    if trainable == "all":
+    if all(jax.tree.leaves(mask)):
         return optimizer
-    if trainable != "mtp":
-        raise ValueError(f"train.trainable={trainable!r}: allowed {list(TRAINABLE)}")
 
-    def only_mtp(tree):
-        return jax.tree_util.tree_map_with_path(
-            lambda p, u: u if _label(p) == "train" else jnp.zeros_like(u), tree
-        )
+    def only_trained(tree):
+        return jax.tree.map(lambda m, u: u if m else jnp.zeros_like(u), mask, tree)
 
     def update(updates, state, params=None):
-        updates, state = optimizer.update(only_mtp(updates), state, params)
-        return only_mtp(updates), state
+        updates, state = optimizer.update(only_trained(updates), state, params)
+        return only_trained(updates), state
 
     return optax.GradientTransformation(optimizer.init, update)
 

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax.config import load_preset
 from deepseek_jax.model import DeepSeekModel
 from deepseek_jax.sharding.logical import activation_spec, constrain, use_rules
-from deepseek_jax.sharding.mesh import AXES, MeshConfig, abstract_mesh, make_mesh
+from deepseek_jax.sharding.mesh import AXES, MeshConfig, abstract_mesh, make_mesh, parse_mesh
 from deepseek_jax.sharding.rules import (
     RULE_PRESETS,
     batch_spec,
@@ -20,7 +20,6 @@ from deepseek_jax.sharding.rules import (
     param_shardings,
     spec_for,
     state_specs,
-    tree_shardings_like,
 )
 
 BATCH = ("data", "fsdp", "expert")
@@ -59,6 +58,10 @@ def test_mesh_config_validation_names_the_field():
     assert cfg.sizes_tuple() == (1, 32, 64, 1, 1)
     with pytest.raises(ValueError, match="axis=size"):
         MeshConfig.from_string("experts=4")
+    # The converter's target mesh uses the same parser: named axes only.
+    assert parse_mesh(" fsdp=8 ,data=1,") == {"fsdp": 8, "data": 1}
+    with pytest.raises(ValueError, match="size of 'fsdp' must be an integer"):
+        parse_mesh("fsdp=x")
 
 
 def test_abstract_mesh_plans_2048_devices():
@@ -130,10 +133,18 @@ def test_optimizer_state_leaves_get_their_parameters_shardings(abstract_params):
     adam = sh[0]
     assert adam.count.spec == P()
     assert adam.mu["moe_layers"]["ffn"]["w_up"].spec == p_sh["moe_layers"]["ffn"]["w_up"].spec
-    # Over a pure dict (no metadata) the moments are matched to parameters by path and shape.
+    # Over a pure dict (the train state's params, no metadata) optax matches the moments to
+    # their parameters, as RunShapes.shardings does.
     pure = nnx.to_pure_dict(abstract_params)
     pure_state = jax.eval_shape(opt.init, pure)
-    sh2 = tree_shardings_like(pure_state, pure, nnx.to_pure_dict(p_sh), mesh)
+    replicated = NamedSharding(mesh, P())
+    sh2 = optax.tree_map_params(
+        opt,
+        lambda _, s: s,
+        pure_state,
+        nnx.to_pure_dict(p_sh),
+        transform_non_params=lambda _: replicated,
+    )
     assert sh2[0].nu["moe_layers"]["ffn"]["w_up"].spec == P(None, "expert", "fsdp", None)
     assert sh2[0].count.spec == P()
     n_leaves = len(jax.tree.leaves(pure_state))

@@ -9,7 +9,7 @@ import pytest
 
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, weight_decay_mask
-from deepseek_jax.train.step import abstract_train_state
+from deepseek_jax.train.step import RunShapes
 
 
 def _lr(tcfg, steps):
@@ -58,9 +58,8 @@ def test_v3_defaults_follow_the_report():
 
 
 @pytest.fixture(scope="module")
-def tiny_params(tiny_cfg):
-    _, abstract = abstract_train_state(tiny_cfg, TrainConfig())
-    return abstract
+def tiny_shapes(tiny_cfg):
+    return RunShapes.build(tiny_cfg, TrainConfig())
 
 
 def _paths(tree):
@@ -70,8 +69,9 @@ def _paths(tree):
     }
 
 
-def test_decay_mask_excludes_norms_and_biases(tiny_params):
-    mask = _paths(weight_decay_mask(tiny_params.params))
+def test_decay_mask_excludes_norms_and_biases(tiny_shapes):
+    mask = _paths(weight_decay_mask(tiny_shapes.params))
+    assert mask == _paths(tiny_shapes.decay_mask)
     no_decay = {p for p, m in mask.items() if not m}
     norms = {p for p in mask if any(part.endswith("norm") for part in p.split("/"))}
     assert no_decay == norms  # every norm scale, stacked or not, and nothing else
@@ -81,7 +81,7 @@ def test_decay_mask_excludes_norms_and_biases(tiny_params):
         assert mask[p]
     # The aux-loss-free routing bias is not a parameter: the optimizer never sees it.
     assert not any(p.endswith("bias") for p in mask)
-    assert set(_paths(tiny_params.biases)) == {
+    assert set(_paths(tiny_shapes.state.biases)) == {
         "moe_layers/ffn/gate/bias",
         "mtp/block/ffn/gate/bias",
     }
@@ -95,7 +95,13 @@ def test_zero_gradients_decay_only_masked_weights():
         "embed": jnp.ones((8, 4)),
         "b": {"bias": jnp.ones((2, 4))},
     }
-    opt = make_optimizer(tcfg)
+    decay = {
+        "norm": {"weight": False},
+        "dense_layers": {"attn_norm": {"weight": False}, "w_up": True},
+        "embed": True,
+        "b": {"bias": False},
+    }
+    opt = make_optimizer(tcfg, decay_mask=decay)
     updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
     new = optax.apply_updates(params, updates)
     chex.assert_trees_all_close(new["norm"], params["norm"])
@@ -110,6 +116,6 @@ def test_zero_gradients_decay_only_masked_weights():
 
 def test_bf16_first_moment():
     params = {"w": jnp.ones((4, 4))}
-    state = make_optimizer(TrainConfig(mu_dtype="bfloat16")).init(params)
+    state = make_optimizer(TrainConfig(mu_dtype="bfloat16"), decay_mask={"w": True}).init(params)
     mu = [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (4, 4)]
     assert {x.dtype for x in mu} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}  # mu, nu

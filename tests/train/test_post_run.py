@@ -1,13 +1,11 @@
 """Host-side pieces of the post-training driver: the row stream's resumable order, reward wiring,
-the routing-bias switch and the bias update with main-stack-only expert counts."""
+the routing-bias switch (the bias update with main-stack-only counts: tests/test_model_tree.py)."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from deepseek_jax.train.post_config import PostConfig
 from deepseek_jax.train.post_run import RowStream, reward_functions
-from deepseek_jax.train.step import _pad_layers, update_biases
 
 
 def test_row_stream_covers_each_epoch_and_resumes_exactly():
@@ -44,15 +42,6 @@ def test_reward_functions_and_extra_callables():
 )
 def test_routing_bias_update_defaults(task, flag, want):
     assert PostConfig(update_routing_bias=flag).routing_bias_updates(task) is want
-
-
-def test_main_stack_counts_leave_the_mtp_biases_alone():
-    biases = {"moe_layers": {"bias": jnp.zeros((2, 4))}, "mtp": {"bias": jnp.ones((1, 4))}}
-    counts = jnp.asarray([[4.0, 0, 0, 0], [1, 1, 1, 1]])  # the main stack's 2 layers only
-    new = update_biases(biases, _pad_layers(counts, biases), jnp.float32(0.1))
-    np.testing.assert_allclose(new["moe_layers"]["bias"][0], [-0.1, 0.1, 0.1, 0.1])
-    np.testing.assert_allclose(new["moe_layers"]["bias"][1], 0.0)
-    np.testing.assert_array_equal(new["mtp"]["bias"], biases["mtp"]["bias"])
 
 
 @pytest.mark.parametrize("task", ["sft", "dpo", "grpo"])

@@ -99,20 +99,17 @@ def test_bias_update_and_schedules(setup):
     assert moved[0] == pytest.approx(0.01) and moved[2] == 0.0  # sign steps of gamma, then frozen
 
 
-def test_update_biases_by_hand():
-    biases = {
-        "mtp": {"block": {"ffn": {"gate": {"bias": jnp.zeros((1, 4))}}}},
-        "moe_layers": {"ffn": {"gate": {"bias": jnp.ones((2, 4))}}},
-    }
-    counts = jnp.array([[4, 0, 2, 2], [1, 1, 1, 1], [0, 0, 0, 8]], jnp.float32)  # [L, E]
-    new = update_biases(biases, counts, 0.5)
-    # Overloaded experts go down, underloaded up, balanced stay: b += gamma * sign(mean - load).
-    np.testing.assert_allclose(
-        new["moe_layers"]["ffn"]["gate"]["bias"], [[0.5, 1.5, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
-    )
-    np.testing.assert_allclose(new["mtp"]["block"]["ffn"]["gate"]["bias"], [[0.5, 0.5, 0.5, -0.5]])
-    with pytest.raises(ValueError, match="cover 3 MoE layers but moe_stats has 2"):
-        update_biases(biases, counts[:2], 0.5)
+def test_update_biases_applies_the_model_update(setup):
+    cfg, graphdef, state, _ = setup
+    counts = jax.random.uniform(jax.random.key(0), (cfg.num_moe_layers + 1, cfg.n_routed_experts))
+    new = update_biases(graphdef, state, counts, 0.5)
+    old = state.biases
+    for stack, rows in (("moe_layers", slice(0, cfg.num_moe_layers)), ("mtp", slice(-1, None))):
+        b = (new[stack] if stack == "moe_layers" else new[stack]["block"])["ffn"]["gate"]["bias"]
+        o = (old[stack] if stack == "moe_layers" else old[stack]["block"])["ffn"]["gate"]["bias"]
+        c = np.asarray(counts[rows])
+        want = o + 0.5 * np.sign(c.mean(-1, keepdims=True) - c)  # V3 Sec. 2.1.2
+        np.testing.assert_allclose(b, want, rtol=1e-6)
 
 
 def test_gradient_accumulation_matches_full_batch(setup):

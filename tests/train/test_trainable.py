@@ -9,8 +9,7 @@ import pytest
 from deepseek_jax.config import load_preset
 from deepseek_jax.losses import LossConfig
 from deepseek_jax.train.config import TrainConfig
-from deepseek_jax.train.step import init_train_state, make_train_step
-from deepseek_jax.train.trainable import trainable_labels
+from deepseek_jax.train.step import RunShapes, init_train_state, make_train_step
 
 B, T = 4, 16
 
@@ -44,11 +43,14 @@ def test_only_mtp_learns_and_main_weights_are_bit_identical():
         main.append(float(m["main_loss"]))
     assert losses[-1] < losses[0] - 1.0, losses  # the MTP loss falls by > 1 nat
     assert main[-1] == main[0]  # the main model's predictions did not move
-    labels = jax.tree.leaves(trainable_labels(state.params))
-    assert set(labels) == {"train", "frozen"}
-    pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params), labels, strict=True)
-    for new, old, label in pairs:
-        if label == "frozen":
+    mask = RunShapes.build(cfg, tcfg).train_mask
+    assert all(jax.tree.leaves(mask["mtp"])) and not any(
+        jax.tree.leaves({k: v for k, v in mask.items() if k != "mtp"})
+    )
+    trained = jax.tree.leaves(mask)
+    pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params), trained, strict=True)
+    for new, old, train in pairs:
+        if not train:
             np.testing.assert_array_equal(new, old)  # bit-identical
         else:
             assert np.any(new != old)
