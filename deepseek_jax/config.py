@@ -378,6 +378,10 @@ class ModelConfig:
                 "never_drop_share",
             )
         }
+        if self.attention_type == "mla":
+            # MLA's hub configs carry no head_dim: transformers derives its rotary width from
+            # qk_rope_head_dim, and an explicit null breaks it (transformers 5.25)
+            out.pop("head_dim", None)
         v3 = self.topk_method == "noaux_tc"
         out["model_type"] = "deepseek_v3" if v3 else "deepseek_v2"
         out["architectures"] = ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"]

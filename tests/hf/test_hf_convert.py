@@ -134,11 +134,12 @@ def test_cli_round_trip(tiny_ckpts, torch_io, tmp_path, capsys):
     assert main(["hf-to-orbax", v2, orb, "--no-progress", "--overwrite"]) == 0
 
 
-def test_export_of_a_plain_orbax_save(tiny_ckpts, torch_io, tmp_path):
+@pytest.mark.parametrize("name", ["v2", "v3"])
+def test_export_of_a_plain_orbax_save(name, tiny_ckpts, torch_io, tmp_path):
     """A checkpoint saved by orbax itself (OCDBT) from the model state exports too."""
     import orbax.checkpoint as ocp
 
-    v2 = tiny_ckpts.get("v2")[0]
+    v2 = tiny_ckpts.get(name)[0]
     model = load_pretrained(v2)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp_path / "state", nnx.to_pure_dict(nnx.state(model)))
@@ -148,9 +149,17 @@ def test_export_of_a_plain_orbax_save(tiny_ckpts, torch_io, tmp_path):
     assert sorted(ours) == sorted(ref)
     for k in ref:
         assert torch.equal(ours[k], ref[k]), k
-    # Without a stored config.json, export writes ModelConfig.to_hf_dict(), which reads back.
+    # Without a stored config.json, export writes ModelConfig.to_hf_dict(), which reads back,
     cfg = read_hf_config(out)[0]
     assert cfg.replace(dtype="float32", param_dtype="float32") == model.cfg
+    # and which transformers reads as the same model (e.g. its rotary width, qk_rope_head_dim).
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        ours = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        ref = AutoModelForCausalLM.from_pretrained(v2).eval()(ids).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fp8_checkpoint_conversion(tiny_ckpts, tmp_path):
