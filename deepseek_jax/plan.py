@@ -40,8 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from deepseek_jax import scaling
 from deepseek_jax.config import ModelConfig, load_preset
 from deepseek_jax.losses import LossConfig
+from deepseek_jax.moe import expert_parallel
 from deepseek_jax.params import count_params
-from deepseek_jax.sharding import expert_parallel
 from deepseek_jax.sharding.logical import use_rules
 from deepseek_jax.sharding.mesh import AXES, MeshConfig, abstract_mesh
 from deepseek_jax.sharding.rules import batch_sharding, get_rules

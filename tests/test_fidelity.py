@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig, load_preset
-from deepseek_jax.gate import Routing
 from deepseek_jax.losses import (
     comm_balance_loss,
     device_balance_loss,
@@ -16,6 +15,7 @@ from deepseek_jax.losses import (
     seq_balance_loss,
 )
 from deepseek_jax.moe import MoE, MoEStats, routed_capacity
+from deepseek_jax.moe.gate import Routing
 from deepseek_jax.testing import assert_close
 
 

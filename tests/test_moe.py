@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import load_preset
-from deepseek_jax.gate import Routing
 from deepseek_jax.moe import MoE, expert_capacity, routed_capacity, routed_dropless
+from deepseek_jax.moe.gate import Routing
 from deepseek_jax.testing import MODEL_FP32, assert_close
 
 

@@ -32,9 +32,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import DataConfig
-from deepseek_jax.gate import RoutingBias, bias_update
 from deepseek_jax.losses import LossConfig, total_loss
 from deepseek_jax.model import DeepSeekModel
+from deepseek_jax.moe.gate import RoutingBias, bias_update
 from deepseek_jax.pipeline_stages import pipelined_value_and_grad, split_microbatches
 from deepseek_jax.sharding.logical import suspend_rules, use_rules
 from deepseek_jax.sharding.pipeline import PipelineConfig

@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import load_preset
-from deepseek_jax.gate import Routing
 from deepseek_jax.moe import MoE, routed_dropless
-from deepseek_jax.sharding import expert_parallel as ep
+from deepseek_jax.moe import expert_parallel as ep
+from deepseek_jax.moe.gate import Routing
 from deepseek_jax.sharding.logical import use_rules
 from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
 from deepseek_jax.sharding.rules import get_rules

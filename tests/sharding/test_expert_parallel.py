@@ -13,10 +13,10 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import load_preset
-from deepseek_jax.gate import route
 from deepseek_jax.moe import MoE
+from deepseek_jax.moe import expert_parallel as ep
+from deepseek_jax.moe.gate import route
 from deepseek_jax.plan import collectives_from_jaxpr, collectives_from_stablehlo
-from deepseek_jax.sharding import expert_parallel as ep
 from deepseek_jax.sharding.logical import use_rules
 from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
 from deepseek_jax.sharding.rules import get_rules

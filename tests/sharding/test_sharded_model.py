@@ -13,10 +13,10 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import load_preset
-from deepseek_jax.gate import RoutingBias
 from deepseek_jax.losses import LossConfig, total_loss
 from deepseek_jax.model import DeepSeekModel
-from deepseek_jax.sharding.expert_parallel import global_expert_load
+from deepseek_jax.moe.expert_parallel import global_expert_load
+from deepseek_jax.moe.gate import RoutingBias
 from deepseek_jax.sharding.logical import use_rules
 from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
 from deepseek_jax.sharding.rules import batch_sharding, get_rules, param_shardings

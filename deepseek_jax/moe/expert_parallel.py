@@ -40,7 +40,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.gate import Routing
+from deepseek_jax.moe.dispatch import capacity_slots
+from deepseek_jax.moe.experts import swiglu_grouped
+from deepseek_jax.moe.gate import Routing
 from deepseek_jax.sharding.logical import MeshAxes, current_rules
 
 Exchange = Literal["ragged", "ragged_emulated", "capacity"]
@@ -284,6 +286,8 @@ def global_expert_load(expert_counts: jax.Array) -> jax.Array:
 def capacity_layout(dest: jax.Array, weights: jax.Array, n_dev: int, capacity: int):
     """Slots of a [P, C] send buffer for each assignment, by destination then priority.
 
+    The single-device capacity slotting (`dispatch.capacity_slots`) with devices for experts.
+
     Args:
       dest: [M, K] destination device of each (token, expert) assignment.
       weights: [M, K] priorities: within a device, a higher one gets the earlier slot.
@@ -294,13 +298,9 @@ def capacity_layout(dest: jax.Array, weights: jax.Array, n_dev: int, capacity: i
        keep [M, K] whether each assignment got a slot).
     """
     M, K = dest.shape
-    flat_d = dest.reshape(-1)  # [M*K]
-    order = jnp.lexsort((-weights.reshape(-1), flat_d))
-    sorted_dest = flat_d[order]
-    counts = jnp.bincount(flat_d, length=n_dev)  # [P]
-    slot = jnp.arange(M * K) - (jnp.cumsum(counts) - counts)[sorted_dest]
-    keep_sorted = slot < capacity
-    slot = jnp.where(keep_sorted, slot, capacity)  # out of range: the scatters drop it
+    order, sorted_dest, slot, keep_sorted = capacity_slots(
+        dest.reshape(-1), weights.reshape(-1), n_dev, capacity
+    )
     keep = jnp.zeros((M * K,), bool).at[order].set(keep_sorted).reshape(M, K)
     return order, sorted_dest, slot, keep
 
@@ -413,15 +413,11 @@ def _local_experts(xs, local_ids, w_gate, w_up, w_down, *, axes=(), fp8: bool = 
 
     `axes`: the shard_map's manual axes (see `_varying_over`).
     """
-    from deepseek_jax.moe import grouped_matmul  # moe imports this module; import at use
-
     E_l = w_gate.shape[0]
     order = jnp.argsort(local_ids, stable=True)
     sizes = jnp.bincount(local_ids, length=E_l + 1)[:E_l].astype(jnp.int32)  # empties last
     xs_sorted, w_gate, w_up, w_down = _varying_over(axes, xs[order], w_gate, w_up, w_down)
-    h = jax.nn.silu(grouped_matmul(xs_sorted, w_gate, sizes, fp8))
-    h = h * grouped_matmul(xs_sorted, w_up, sizes, fp8)  # [N, F] (rows past the groups are 0)
-    ys = grouped_matmul(h, w_down, sizes, fp8)  # [N, D]
+    ys = swiglu_grouped(xs_sorted, w_gate, w_up, w_down, sizes, fp8)  # [N, D]; empties 0
     return jnp.zeros_like(ys).at[order].set(ys)
 
 
