@@ -26,12 +26,10 @@ them (the bias update's load) is over the whole mesh, not one shard.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import math
-from collections.abc import Iterator, Mapping
-from typing import Literal, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,21 +41,11 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.moe.dispatch import capacity_slots
 from deepseek_jax.moe.experts import swiglu_grouped
 from deepseek_jax.moe.gate import Routing
-from deepseek_jax.sharding.logical import MeshAxes, current_rules
+from deepseek_jax.sharding.logical import MeshAxes
+from deepseek_jax.sharding.parallel import ParallelConfig, flat_axes
 
-Exchange = Literal["ragged", "ragged_emulated", "capacity"]
 _PROTECT = 2.0  # added to a never-dropped token's affinity (affinities lie in [0, 1])
-EP_IMPLS = ("ep", "ep_ragged", "ep_ragged_emulated", "ep_capacity")
-_RAGGED_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
-_EXCHANGE: contextvars.ContextVar[tuple[Exchange, float | None] | None] = contextvars.ContextVar(
-    "deepseek_jax_ep_exchange", default=None
-)
-
-
-def _flat(axes: MeshAxes) -> tuple[str, ...]:
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
+_flat = flat_axes
 
 
 def _axis_arg(axes: tuple[str, ...]) -> str | tuple[str, ...]:
@@ -117,61 +105,6 @@ def ep_layout(mesh_shape: Mapping[str, int], rules: Mapping[str, MeshAxes]) -> E
         batch_shards=math.prod(mesh_shape[a] for a in batch),
         ep_size=math.prod(mesh_shape[a] for a in experts),
     )
-
-
-def _context() -> tuple[Mapping[str, MeshAxes], dict[str, int]] | None:
-    rules = current_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if rules is None or mesh.empty:
-        return None
-    return rules, dict(mesh.shape)
-
-
-def ep_active() -> bool:
-    """True under `use_rules` and a context mesh that splits the tokens or experts."""
-    ctx = _context()
-    if ctx is None:
-        return False
-    layout = ep_layout(ctx[1], ctx[0])
-    return layout.batch_shards > 1 or layout.ep_size > 1
-
-
-@contextlib.contextmanager
-def use_exchange(exchange: Exchange, *, buffer_factor: float | None = None) -> Iterator[None]:
-    """Overrides the exchange of impl='ep' (e.g. 'ragged' to plan a GPU run on CPU).
-
-    Args:
-      exchange: 'ragged' | 'ragged_emulated' | 'capacity'.
-      buffer_factor: receive rows of the ragged paths as a multiple of the mean load M_l K
-        (see `ragged_buffer_rows`); None keeps the worst case, which never drops.
-    """
-    if exchange not in ("ragged", "ragged_emulated", "capacity"):
-        raise ValueError(f"exchange={exchange!r}: allowed ragged, ragged_emulated, capacity")
-    if buffer_factor is not None and buffer_factor <= 0:
-        raise ValueError(f"buffer_factor={buffer_factor} must be positive or None")
-    token = _EXCHANGE.set((exchange, buffer_factor))
-    try:
-        yield
-    finally:
-        _EXCHANGE.reset(token)
-
-
-def default_exchange(cfg: ModelConfig, backend: str | None = None) -> Exchange:
-    """The exchange of impl='ep': `use_exchange`'s if set; `capacity` when cfg.moe_impl is
-    'capacity'; else dropless, the real ragged all-to-all where the backend has it (GPU/TPU)."""
-    if _EXCHANGE.get() is not None:
-        return _EXCHANGE.get()[0]
-    if cfg.moe_impl == "capacity":
-        return "capacity"
-    backend = jax.default_backend() if backend is None else backend
-    return "ragged" if backend in _RAGGED_BACKENDS else "ragged_emulated"
-
-
-def exchange_for_impl(impl: str, cfg: ModelConfig) -> Exchange:
-    """Maps an MoE impl ('ep', 'ep_ragged', 'ep_ragged_emulated', 'ep_capacity') to an exchange."""
-    if impl not in EP_IMPLS:
-        raise ValueError(f"MoE impl={impl!r} is not expert-parallel; allowed: {EP_IMPLS}")
-    return default_exchange(cfg) if impl == "ep" else impl[3:]  # type: ignore[return-value]
 
 
 def check_node_alignment(cfg: ModelConfig, ep_size: int) -> int:
@@ -270,16 +203,15 @@ def ragged_buffer_rows(
     return min(worst, max(1, math.ceil(factor * tokens * cfg.num_experts_per_tok)))
 
 
-def global_expert_load(expert_counts: jax.Array) -> jax.Array:
+def global_expert_load(expert_counts: jax.Array, parallel: ParallelConfig) -> jax.Array:
     """[..., B, E] per-sequence counts -> [..., E] summed over the global batch, replicated.
 
     The counts leave the EP shard_map split over the batch axes, so this sum is an all-reduce
     over the whole mesh; every replica then applies the same `gate.bias_update`.
     """
     load = expert_counts.sum(axis=-2)
-    if _context() is None:
-        return load
-    return jax.lax.with_sharding_constraint(load, P())
+    replicated = parallel.replicated()
+    return load if replicated is None else jax.lax.with_sharding_constraint(load, replicated)
 
 
 # ---- the per-device plans (pure functions of local data, tested on their own) ----------------
@@ -550,11 +482,11 @@ def expert_parallel_routed(
     w_down: jax.Array,
     cfg: ModelConfig,
     *,
-    exchange: Exchange,
+    parallel: ParallelConfig,
     buffer_rows: int | None = None,
     token_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, Routing, jax.Array]:
-    """Routes and runs the routed experts under `jax.shard_map` on the context mesh.
+    """Routes and runs the routed experts under `jax.shard_map` on `parallel.mesh`.
 
     Communication plan (scaling-book notation; X = the batch axes, E over `expert` with P
     devices, F over the `expert_mlp` axes Y when set, M_l = B_l T local tokens):
@@ -581,22 +513,24 @@ def expert_parallel_routed(
       x: [B, T, D] tokens, split over the batch axes.
       w_gate, w_up: [E, D, F]; w_down: [E, F, D] in the compute dtype.
       cfg: model config (sizes, capacity_factor, compute dtype).
-      exchange: 'ragged' | 'ragged_emulated' | 'capacity'.
-      buffer_rows: receive rows of the ragged path (default `ragged_buffer_rows`, dropless).
+      parallel: the mesh, rules and exchange ('ragged' | 'ragged_emulated' | 'capacity'; its
+        buffer_factor sizes the ragged receive buffer).
+      buffer_rows: receive rows of the ragged path (default `ragged_buffer_rows` with
+        parallel.buffer_factor).
       token_mask: [B, T] bool, False on padding: the capacity exchange never sends padding, so
         it takes no device budget; None = no padding.
     Returns:
       (routed [B, T, D], Routing with weights/experts [B*T, K] and scores [B*T, E],
        dropped fraction [] of the real (token, expert) assignments).
     """
-    ctx = _context()
-    if ctx is None:
+    exchange = parallel.exchange
+    if exchange not in ("ragged", "ragged_emulated", "capacity"):
         raise ValueError(
-            "expert-parallel MoE needs active sharding rules (sharding.logical.use_rules) and a "
-            "context mesh (jax.set_mesh or jax.sharding.use_abstract_mesh)"
+            f"ParallelConfig.exchange={exchange!r}: expert parallelism needs ragged, "
+            "ragged_emulated or capacity"
         )
-    rules, mesh_shape = ctx
-    layout = ep_layout(mesh_shape, rules)
+    mesh_shape = parallel.mesh_shape
+    layout = ep_layout(mesh_shape, parallel.rules_dict)
     B, T, D = x.shape
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     if B % layout.batch_shards:
@@ -609,8 +543,6 @@ def expert_parallel_routed(
             f"ModelConfig.n_routed_experts={E} is not divisible by the expert axes "
             f"{layout.expert_axes} (total size {layout.ep_size})"
         )
-    if exchange not in ("ragged", "ragged_emulated", "capacity"):
-        raise ValueError(f"exchange={exchange!r}: allowed ragged, ragged_emulated, capacity")
     tokens = B // layout.batch_shards * T
     mask = jnp.ones((B, T), bool) if token_mask is None else token_mask.astype(bool)
     protect = protected_sequences(B, cfg.never_drop_share)  # [B] (V2 Sec. 2.3)
@@ -620,7 +552,7 @@ def expert_parallel_routed(
         most = max(int(protect[i : i + B_l].sum()) for i in range(0, B, B_l)) * T
         sizes = capacity_sizes(tokens, cfg, layout.ep_size, most)
     else:
-        factor = None if _EXCHANGE.get() is None else _EXCHANGE.get()[1]
+        factor = parallel.buffer_factor
         sizes = buffer_rows or ragged_buffer_rows(tokens, cfg, layout.ep_size, factor)
     gate_def, gate_w, gate_rest = nnx.split(gate, nnx.Param, ...)
     X = layout.batch_axes or None
@@ -634,7 +566,7 @@ def expert_parallel_routed(
     out_routing = Routing(P(X), P(X), P(X))
     routed, r, dropped = jax.shard_map(
         body,
-        mesh=jax.sharding.get_abstract_mesh(),
+        mesh=parallel.mesh,
         in_specs=(gate_spec, P(), P(X), P(X), P(EX, D_ax, F), P(EX, D_ax, F), P(EX, F, D_ax)),
         out_specs=(P(X), out_routing, P()),
     )(gate_w, gate_rest, x, klass, w_gate, w_up, w_down)

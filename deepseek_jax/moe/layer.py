@@ -13,7 +13,7 @@ The routed sum is computed three ways, held equal by tests:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,9 @@ from deepseek_jax.moe import expert_parallel
 from deepseek_jax.moe.dispatch import expert_capacity, routed_capacity, routed_dropless
 from deepseek_jax.moe.gate import Gate, Routing
 from deepseek_jax.moe.reference import routed_reference
+from deepseek_jax.sharding.parallel import ONE_DEVICE, ParallelConfig
+
+Algorithm = Literal["dropless", "capacity", "reference"]
 
 
 class MoEStats(NamedTuple):
@@ -54,34 +57,45 @@ class MoE(nnx.Module):
             self.shared = None
 
     def __call__(
-        self, x: jax.Array, token_mask: jax.Array | None = None, *, impl: str | None = None
+        self,
+        x: jax.Array,
+        token_mask: jax.Array | None = None,
+        *,
+        parallel: ParallelConfig = ONE_DEVICE,
+        algorithm: Algorithm | None = None,
     ) -> tuple[jax.Array, MoEStats]:
         """x [B, T, D] -> (output [B, T, D], per-sequence routing stats).
 
-        `impl` overrides cfg.moe_impl ("dropless" | "capacity" | "reference"), or picks an
-        expert-parallel path ("ep" | "ep_ragged" | "ep_ragged_emulated" | "ep_capacity").
+        Args:
+          x: [B, T, D] normalised hidden states.
+          token_mask: [B, T] bool, False on padding; None = every token is real.
+          parallel: with an exchange other than 'none', the routed experts run expert-parallel
+            under shard_map on parallel.mesh (moe/expert_parallel.py); else on one device (and
+            GSPMD partitions them on a mesh).
+          algorithm: the single-device plan, default cfg.moe_impl; 'reference' (every expert on
+            every token) is the test oracle. Only with parallel.exchange == 'none'.
         """
         cfg = self.cfg
         B, T, D = x.shape
-        # ---- expert parallelism (moe/expert_parallel.py) -------------------------------
-        # impl "ep*", or no impl under sharding rules and a mesh that splits tokens or experts:
-        # route and run the routed experts under shard_map (all-to-all dispatch / combine).
         stored_fp8 = isinstance(self.w_gate[...], fp8_weights.Fp8Weight)
-        if impl in expert_parallel.EP_IMPLS or (impl is None and expert_parallel.ep_active()):
+        if parallel.expert_parallel:
+            if algorithm is not None:
+                raise ValueError(
+                    f"MoE algorithm={algorithm!r} runs on one device; under expert parallelism "
+                    f"the exchange ParallelConfig.exchange={parallel.exchange!r} decides"
+                )
             if stored_fp8:
                 raise ValueError(
-                    "MoE: FP8 serving weights run only with moe_impl='dropless' on one device; "
-                    f"got impl={impl!r} under expert parallelism"
+                    "MoE: FP8 serving weights run only with moe_impl='dropless' and "
+                    f"ParallelConfig.exchange='none', got exchange={parallel.exchange!r}"
                 )
             ws = [w[...].astype(cfg.compute_dtype) for w in (self.w_gate, self.w_up, self.w_down)]
-            exchange = expert_parallel.exchange_for_impl(impl or "ep", cfg)
             routed, r, dropped = expert_parallel.expert_parallel_routed(
-                self.gate, x, *ws, cfg, exchange=exchange, token_mask=token_mask
+                self.gate, x, *ws, cfg, parallel=parallel, token_mask=token_mask
             )
             out = routed if self.shared is None else routed + self.shared(x)
             return out.astype(x.dtype), self._stats(r, B, T, token_mask, dropped)
-        # ---- end expert parallelism -----------------------------------------------------------
-        impl = impl or cfg.moe_impl
+        impl = algorithm or cfg.moe_impl
         xf = x.reshape(B * T, D)  # [M, D]
         r = self.gate(xf)
         dt = cfg.compute_dtype
@@ -108,12 +122,12 @@ class MoE(nnx.Module):
         elif impl == "reference":
             if cfg.fp8:  # a test oracle in the compute dtype: never a silent BF16 fallback
                 raise ValueError(
-                    "MoE impl='reference' runs the routed experts in ModelConfig.dtype and cannot "
-                    "honour ModelConfig.fp8=True; use impl='dropless' or 'capacity'"
+                    "MoE algorithm='reference' runs the routed experts in ModelConfig.dtype and "
+                    "cannot honour ModelConfig.fp8=True; use 'dropless' or 'capacity'"
                 )
             routed = routed_reference(xc, r, *ws)
         else:
-            raise ValueError(f"MoE impl={impl!r}: allowed dropless, capacity, reference")
+            raise ValueError(f"MoE algorithm={impl!r}: allowed dropless, capacity, reference")
         out = routed.reshape(B, T, D)
         if self.shared is not None:
             out = out + self.shared(x)

@@ -313,5 +313,9 @@ def test_requested_fp8_that_cannot_be_honoured_is_an_error(ckpt, served):
     with pytest.raises(ValueError, match="mesh"):
         load_pretrained(ckpt[0], weights="fp8", mesh=mesh)
     ids = jnp.zeros((1, 4), jnp.int32)
+    capacity = nnx.clone(served)  # the same weights with ModelConfig.moe_impl='capacity'
+    for _, node in nnx.iter_graph(capacity):
+        if isinstance(node, nnx.Module) and hasattr(node, "cfg"):
+            node.cfg = node.cfg.replace(moe_impl="capacity")
     with pytest.raises(ValueError, match="moe_impl='dropless'"):
-        served(ids, moe_impl="capacity")
+        capacity(ids)

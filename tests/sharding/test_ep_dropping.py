@@ -14,8 +14,8 @@ from deepseek_jax.config import load_preset
 from deepseek_jax.moe import MoE, routed_dropless
 from deepseek_jax.moe import expert_parallel as ep
 from deepseek_jax.moe.gate import Routing
-from deepseek_jax.sharding.logical import use_rules
 from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
+from deepseek_jax.sharding.parallel import ParallelConfig
 from deepseek_jax.sharding.rules import get_rules
 from deepseek_jax.testing import assert_close
 
@@ -73,9 +73,8 @@ def _expected_keep(r, cfg, mask, share):
 
 
 def _run(moe, x, mask):
-    mesh, rules = make_mesh(MESH), get_rules(MESH.rules)
-    with jax.set_mesh(mesh), use_rules(rules):
-        return jax.jit(lambda m, x, k: m(x, k, impl="ep_capacity"))(moe, x, mask)
+    parallel = ParallelConfig(make_mesh(MESH), get_rules(MESH.rules), exchange="capacity")
+    return jax.jit(lambda m, x, k: m(x, k, parallel=parallel))(moe, x, mask)
 
 
 @pytest.mark.parametrize("share", [0.0, 0.25])
