@@ -234,7 +234,7 @@ def _flat(axes) -> tuple[str, ...]:
 
 def _in_shard_map(path: str, spec_axes: tuple) -> bool:
     """Weights the EP shard_map gathers and reduces itself (traced, not analytic)."""
-    return "experts" in spec_axes or path.endswith("ffn/gate/weight")
+    return "experts" in spec_axes or path.endswith("ffn/router/weight")
 
 
 def _analytic_collectives(

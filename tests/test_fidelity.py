@@ -15,7 +15,7 @@ from deepseek_jax.losses import (
     seq_balance_loss,
 )
 from deepseek_jax.moe import MoE, MoEStats, routed_capacity
-from deepseek_jax.moe.gate import Routing
+from deepseek_jax.moe.router import Routing
 from deepseek_jax.testing import assert_close
 
 
@@ -119,7 +119,7 @@ def test_v2_expert_loss_per_sequence_matches_deepseek_code():
     B, T = 3, 10
     x = jax.random.normal(jax.random.key(4), (B, T, cfg.hidden_size))
     _, stats = moe(x, algorithm="dropless")
-    r = moe.gate(x.reshape(B * T, -1))
+    r = moe.router(x.reshape(B * T, -1))
     stats = jax.tree.map(lambda a: a[None], stats)  # one layer
     expect = _deepseek_seq_aux(r.experts, r.scores, B, T, 8, cfg.num_experts_per_tok)
     assert float(expert_balance_loss(stats, cfg)) == pytest.approx(expect, rel=1e-5)

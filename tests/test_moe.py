@@ -8,7 +8,7 @@ from flax import nnx
 
 from deepseek_jax.config import load_preset
 from deepseek_jax.moe import MoE, expert_capacity, routed_capacity, routed_dropless
-from deepseek_jax.moe.gate import Routing
+from deepseek_jax.moe.router import Routing
 from deepseek_jax.testing import MODEL_FP32, assert_close
 
 
@@ -35,7 +35,7 @@ def per_token_numpy(x, r, wg, wu, wd):
 def test_dropless_and_reference_match_per_token_loop(moe_and_x):
     cfg, moe, x = moe_and_x
     xf = x.reshape(-1, cfg.hidden_size)
-    r = moe.gate(xf)
+    r = moe.router(xf)
     ws = (moe.w_gate[...], moe.w_up[...], moe.w_down[...])
     expect = per_token_numpy(xf, r, *ws)
     assert_close(routed_dropless(xf, r, *ws), expect)

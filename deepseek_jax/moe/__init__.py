@@ -1,6 +1,6 @@
 """DeepSeekMoE: the router, the dispatch plans, the routed experts and expert parallelism.
 
-gate.py            `Gate` (the router): affinities, (group-limited) top-k, gating weights,
+router.py          `Router`: affinities, (group-limited) top-k, gating weights,
                    `RoutingBias` and the aux-loss-free `bias_update`.
 dispatch.py        single-device plans: the dropless sort (`routed_dropless`, `routed_blocked`)
                    and the capacity slots (`routed_capacity`, `capacity_slots`).
@@ -19,12 +19,12 @@ from deepseek_jax.moe.dispatch import (
     routed_dropless,
 )
 from deepseek_jax.moe.experts import grouped_matmul, swiglu_buffers, swiglu_grouped
-from deepseek_jax.moe.gate import Gate, Routing, RoutingBias, bias_update, route
 from deepseek_jax.moe.layer import MoE, MoEStats
 from deepseek_jax.moe.reference import routed_reference
+from deepseek_jax.moe.router import Router, Routing, RoutingBias, bias_update, route
 
 __all__ = [
-    "Gate",
+    "Router",
     "MoE",
     "MoEStats",
     "Routing",

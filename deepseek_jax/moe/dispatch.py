@@ -25,7 +25,7 @@ from deepseek_jax.kernels.block_grouped_matmul import (
     dispatch,
 )
 from deepseek_jax.moe.experts import swiglu_buffers, swiglu_grouped
-from deepseek_jax.moe.gate import Routing
+from deepseek_jax.moe.router import Routing
 
 
 def routed_dropless(

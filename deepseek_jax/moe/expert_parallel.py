@@ -17,9 +17,9 @@ experts as one grouped matmul, sends the results back and forms the gated sum. T
                         those of the ~10% of sequences that are never dropped
                         (`ModelConfig.never_drop_share`, V2 Sec. 2.3); padding is never sent.
 
-Node-limited routing (V3 Sec. 2.1.2; V2's device-limited routing): the gate's `n_group` expert
+Node-limited routing (V3 Sec. 2.1.2; V2's device-limited routing): the router's `n_group` expert
 groups lie along the expert axis, group g on the contiguous devices [g P/G, (g+1) P/G) - a
-"node" - so the group-limited gate's `topk_group` caps the nodes a token reaches
+"node" - so the group-limited router's `topk_group` caps the nodes a token reaches
 (`nodes_per_token`). Expert counts leave the shard_map sharded over the batch, so every sum of
 them (the bias update's load) is over the whole mesh, not one shard.
 """
@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.moe.dispatch import capacity_slots
 from deepseek_jax.moe.experts import swiglu_grouped
-from deepseek_jax.moe.gate import Routing
+from deepseek_jax.moe.router import Routing
 from deepseek_jax.sharding.logical import MeshAxes
 from deepseek_jax.sharding.parallel import ParallelConfig, flat_axes
 
@@ -207,7 +207,7 @@ def global_expert_load(expert_counts: jax.Array, parallel: ParallelConfig) -> ja
     """[..., B, E] per-sequence counts -> [..., E] summed over the global batch, replicated.
 
     The counts leave the EP shard_map split over the batch axes, so this sum is an all-reduce
-    over the whole mesh; every replica then applies the same `gate.bias_update`.
+    over the whole mesh; every replica then applies the same `router.bias_update`.
     """
     load = expert_counts.sum(axis=-2)
     replicated = parallel.replicated()
@@ -448,14 +448,26 @@ def _gather(w, axes, dim):
 
 
 def _ep_body(
-    gate_w, gate_rest, x, klass, w_gate, w_up, w_down, *, gate_def, cfg, layout, exchange, sizes
+    router_w,
+    router_rest,
+    x,
+    klass,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    router_def,
+    cfg,
+    layout,
+    exchange,
+    sizes,
 ):
     """One device's routed experts: x [B_l, T, D] -> (routed, routing, dropped count)."""
     B_l, T, D = x.shape
     xf = x.reshape(B_l * T, D)  # [M_l, D]
     D_ax = layout.embed_axes
-    gate_w = jax.tree.map(lambda w: _gather(w, D_ax, 0), gate_w)  # [D, E]
-    r = nnx.merge(gate_def, gate_w, gate_rest)(xf)  # the gate runs on local tokens, in fp32
+    router_w = jax.tree.map(lambda w: _gather(w, D_ax, 0), router_w)  # [D, E]
+    r = nnx.merge(router_def, router_w, router_rest)(xf)  # the router runs on local tokens, in fp32
     xc = xf.astype(cfg.compute_dtype)
     ws = (_gather(w_gate, D_ax, 1), _gather(w_up, D_ax, 1), _gather(w_down, D_ax, 2))
     if exchange == "capacity":
@@ -475,7 +487,7 @@ def _ep_body(
 
 
 def expert_parallel_routed(
-    gate: nnx.Module,
+    router: nnx.Module,
     x: jax.Array,
     w_gate: jax.Array,
     w_up: jax.Array,
@@ -509,7 +521,7 @@ def expert_parallel_routed(
     an all-gather of the [E] int32 counts (the real collective sends (P-1)/P of it off-device).
 
     Args:
-      gate: the MoE's Gate module (split and merged inside the shard_map).
+      router: the MoE's Router module (split and merged inside the shard_map).
       x: [B, T, D] tokens, split over the batch axes.
       w_gate, w_up: [E, D, F]; w_down: [E, F, D] in the compute dtype.
       cfg: model config (sizes, capacity_factor, compute dtype).
@@ -554,22 +566,22 @@ def expert_parallel_routed(
     else:
         factor = parallel.buffer_factor
         sizes = buffer_rows or ragged_buffer_rows(tokens, cfg, layout.ep_size, factor)
-    gate_def, gate_w, gate_rest = nnx.split(gate, nnx.Param, ...)
+    router_def, router_w, router_rest = nnx.split(router, nnx.Param, ...)
     X = layout.batch_axes or None
     EX = layout.expert_axes or None
     F = layout.ffn_axes or None
     D_ax = layout.embed_axes or None
-    gate_spec = jax.tree.map(lambda _: P(D_ax, None), gate_w)  # router e_i: [D, E]
+    router_spec = jax.tree.map(lambda _: P(D_ax, None), router_w)  # router e_i: [D, E]
     body = functools.partial(
-        _ep_body, gate_def=gate_def, cfg=cfg, layout=layout, exchange=exchange, sizes=sizes
+        _ep_body, router_def=router_def, cfg=cfg, layout=layout, exchange=exchange, sizes=sizes
     )
     out_routing = Routing(P(X), P(X), P(X))
     routed, r, dropped = jax.shard_map(
         body,
         mesh=parallel.mesh,
-        in_specs=(gate_spec, P(), P(X), P(X), P(EX, D_ax, F), P(EX, D_ax, F), P(EX, F, D_ax)),
+        in_specs=(router_spec, P(), P(X), P(X), P(EX, D_ax, F), P(EX, D_ax, F), P(EX, F, D_ax)),
         out_specs=(P(X), out_routing, P()),
-    )(gate_w, gate_rest, x, klass, w_gate, w_up, w_down)
+    )(router_w, router_rest, x, klass, w_gate, w_up, w_down)
     flat = Routing(*(a.reshape(B * T, -1) for a in r))  # [M, K], [M, K], [M, E]
     real = jnp.maximum(mask.sum() * K, 1).astype(jnp.float32)  # padding is never routed
     return routed, flat, dropped.astype(jnp.float32) / real

@@ -24,8 +24,8 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, param
 from deepseek_jax.moe import expert_parallel
 from deepseek_jax.moe.dispatch import expert_capacity, routed_capacity, routed_dropless
-from deepseek_jax.moe.gate import Gate, Routing
 from deepseek_jax.moe.reference import routed_reference
+from deepseek_jax.moe.router import Router, Routing
 from deepseek_jax.sharding.parallel import ONE_DEVICE, ParallelConfig
 
 Algorithm = Literal["dropless", "capacity", "reference"]
@@ -42,12 +42,12 @@ class MoEStats(NamedTuple):
 
 
 class MoE(nnx.Module):
-    """Shared experts + gate + routed experts [E, D, F] (experts stacked for grouped matmuls)."""
+    """Shared experts + router + routed experts [E, D, F] (experts stacked for grouped matmuls)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate = Gate(cfg, rngs=rngs)
+        self.router = Router(cfg, rngs=rngs)
         self.w_gate = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), cfg)
         self.w_up = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), cfg)
         self.w_down = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), cfg)
@@ -91,13 +91,13 @@ class MoE(nnx.Module):
                 )
             ws = [w[...].astype(cfg.compute_dtype) for w in (self.w_gate, self.w_up, self.w_down)]
             routed, r, dropped = expert_parallel.expert_parallel_routed(
-                self.gate, x, *ws, cfg, parallel=parallel, token_mask=token_mask
+                self.router, x, *ws, cfg, parallel=parallel, token_mask=token_mask
             )
             out = routed if self.shared is None else routed + self.shared(x)
             return out.astype(x.dtype), self._stats(r, B, T, token_mask, dropped)
         impl = algorithm or cfg.moe_impl
         xf = x.reshape(B * T, D)  # [M, D]
-        r = self.gate(xf)
+        r = self.router(xf)
         dt = cfg.compute_dtype
         xc = xf.astype(dt)
         ws = (self.w_gate[...], self.w_up[...], self.w_down[...])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.moe.gate import Routing
+from deepseek_jax.moe.router import Routing
 
 
 def routed_reference(x: jax.Array, r: Routing, w_gate, w_up, w_down) -> jax.Array:

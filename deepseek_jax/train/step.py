@@ -33,7 +33,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import DataConfig
 from deepseek_jax.losses import LossConfig, total_loss
 from deepseek_jax.model import DeepSeekModel
-from deepseek_jax.moe.gate import RoutingBias, bias_update
+from deepseek_jax.moe.router import RoutingBias, bias_update
 from deepseek_jax.pipeline_stages import pipelined_value_and_grad, split_microbatches
 from deepseek_jax.sharding.parallel import ParallelConfig
 from deepseek_jax.sharding.pipeline import PipelineConfig
@@ -164,7 +164,7 @@ def init_train_state(
 
 
 def update_biases(biases: dict, counts: jax.Array, gamma: jax.Array) -> dict:
-    """Applies `gate.bias_update` to every MoE stack's routing bias.
+    """Applies `router.bias_update` to every MoE stack's routing bias.
 
     Args:
       biases: TrainState.biases, {'moe_layers': ...bias [L_moe, E], 'mtp': ...bias [D_mtp, E]}.

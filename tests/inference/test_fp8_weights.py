@@ -238,7 +238,7 @@ def test_fp8_checkpoint_is_kept_as_stored(ckpt, served):
     layers = served.moe_layers
     for var in (layers.attn.wq_a, layers.attn.wkv_b, layers.attn.wo, layers.ffn.w_down):
         assert isinstance(var, Fp8Param) and isinstance(var[...], Fp8Weight)
-    for var in (served.embed, served.lm_head, layers.ffn.gate.weight, layers.attn_norm.weight):
+    for var in (served.embed, served.lm_head, layers.ffn.router.weight, layers.attn_norm.weight):
         assert not isinstance(var, Fp8Param) and var[...].dtype == jnp.float32
     # Bytes as stored: our [K, N] is hub.T, the scale grid transposes with it.
     q, s = parts["model.layers.1.mlp.experts.5.down_proj.weight"]

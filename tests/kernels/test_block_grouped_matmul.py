@@ -8,7 +8,7 @@ import pytest
 from deepseek_jax.kernels import block_grouped_matmul as bgm
 from deepseek_jax.kernels import grouped_matmul as gm
 from deepseek_jax.moe import routed_blocked, routed_dropless, routed_reference
-from deepseek_jax.moe.gate import Routing
+from deepseek_jax.moe.router import Routing
 from deepseek_jax.testing import assert_close
 
 E, D, F = 4, 24, 16

@@ -15,7 +15,7 @@ from flax import nnx
 from deepseek_jax.config import load_preset
 from deepseek_jax.moe import MoE
 from deepseek_jax.moe import expert_parallel as ep
-from deepseek_jax.moe.gate import route
+from deepseek_jax.moe.router import route
 from deepseek_jax.plan import collectives_from_jaxpr, collectives_from_stablehlo
 from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
 from deepseek_jax.sharding.parallel import ONE_DEVICE, ParallelConfig, default_exchange
@@ -31,7 +31,7 @@ def block():
     cfg = load_preset("v3-tiny")  # E=8, K=2, 4 groups of 2, topk_group=2, fp32
     moe = MoE(cfg, rngs=nnx.Rngs(1))
     # A random selection bias spreads the routing over all experts and groups.
-    moe.gate.bias[...] = 0.3 * jax.random.normal(jax.random.key(3), (cfg.n_routed_experts,))
+    moe.router.bias[...] = 0.3 * jax.random.normal(jax.random.key(3), (cfg.n_routed_experts,))
     x = jax.random.normal(jax.random.key(2), (B, T, cfg.hidden_size))
     return cfg, moe, x
 
@@ -223,7 +223,7 @@ def test_ragged_path_lowers_with_ragged_all_to_all(block):
 # ---- node-limited routing, layouts, dispatch --------------------------------------------------
 def test_node_limited_routing_bounds_nodes_per_token(block):
     cfg, moe, x = block
-    r = moe.gate(x.reshape(-1, cfg.hidden_size))
+    r = moe.router(x.reshape(-1, cfg.hidden_size))
     nodes = np.asarray(ep.nodes_per_token(r.experts, cfg, ep_size=8))  # 4 nodes of 2 devices
     assert nodes.max() <= cfg.topk_group and nodes.max() == 2
     # V3 at scale: 256 experts over EP64, 8 groups = 8 nodes of 8 devices, 4 nodes per token.

@@ -16,7 +16,7 @@ from deepseek_jax.config import load_preset
 from deepseek_jax.losses import LossConfig, total_loss
 from deepseek_jax.model import DeepSeekModel
 from deepseek_jax.moe.expert_parallel import global_expert_load
-from deepseek_jax.moe.gate import RoutingBias
+from deepseek_jax.moe.router import RoutingBias
 from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
 from deepseek_jax.sharding.parallel import ONE_DEVICE, ParallelConfig
 from deepseek_jax.sharding.rules import batch_sharding, get_rules, param_shardings
@@ -159,5 +159,30 @@ def test_sharded_training_steps_equal_single_device(
     assert not np.allclose(losses[0], losses[-1])  # the steps did train
     # Routing biases were updated from the global expert loads, identically.
     jax.tree.map(lambda a, b: assert_close(a, b, **MODEL_FP32), state.biases, ref_state.biases)
-    assert float(jnp.abs(state.biases["moe_layers"]["ffn"]["gate"]["bias"]).max()) > 0
+    assert float(jnp.abs(state.biases["moe_layers"]["ffn"]["router"]["bias"]).max()) > 0
     print(f"\n{name}: losses {losses}, max|d loss| {np.abs(losses - ref_losses).max():.2e}")
+
+
+def test_model_runs_its_own_parallel_config_wherever_it_is_called(setup):
+    """model(ids) traces the same program inside or outside a context mesh: only the model's
+    ParallelConfig decides constraints and the expert-parallel exchange."""
+    cfg = setup[0].replace(num_nextn_predict_layers=0)
+    mesh_cfg = MESHES[1][1]  # fsdp2_ep4
+    mesh, rules = make_mesh(mesh_cfg), get_rules(mesh_cfg.rules)
+    parallel = ParallelConfig.create(cfg.moe_impl, mesh, rules)
+    model = nnx.eval_shape(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(0), parallel=parallel))
+    assert model.parallel is parallel
+    ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+    def program(m):
+        return str(jax.make_jaxpr(lambda m, ids: m(ids).logits)(m, ids))
+
+    sharded = program(model)
+    with jax.set_mesh(mesh):
+        assert program(model) == sharded
+    assert "shard_map" in sharded and "sharding_constraint" in sharded
+    local = program(model.replace_parallel(ONE_DEVICE))
+    assert model.parallel is parallel  # replace_parallel returned a new model
+    assert "shard_map" not in local and "sharding_constraint" not in local
+    with jax.set_mesh(mesh):
+        assert program(model.replace_parallel(ONE_DEVICE)) == local

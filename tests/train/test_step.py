@@ -91,7 +91,7 @@ def test_bias_update_and_schedules(setup):
     moved = [
         float(
             jnp.abs(
-                a["moe_layers"]["ffn"]["gate"]["bias"] - b["moe_layers"]["ffn"]["gate"]["bias"]
+                a["moe_layers"]["ffn"]["router"]["bias"] - b["moe_layers"]["ffn"]["router"]["bias"]
             ).max()
         )
         for a, b in zip(biases[:-1], biases[1:], strict=True)
@@ -101,16 +101,18 @@ def test_bias_update_and_schedules(setup):
 
 def test_update_biases_by_hand():
     biases = {
-        "mtp": {"block": {"ffn": {"gate": {"bias": jnp.zeros((1, 4))}}}},
-        "moe_layers": {"ffn": {"gate": {"bias": jnp.ones((2, 4))}}},
+        "mtp": {"block": {"ffn": {"router": {"bias": jnp.zeros((1, 4))}}}},
+        "moe_layers": {"ffn": {"router": {"bias": jnp.ones((2, 4))}}},
     }
     counts = jnp.array([[4, 0, 2, 2], [1, 1, 1, 1], [0, 0, 0, 8]], jnp.float32)  # [L, E]
     new = update_biases(biases, counts, 0.5)
     # Overloaded experts go down, underloaded up, balanced stay: b += gamma * sign(mean - load).
     np.testing.assert_allclose(
-        new["moe_layers"]["ffn"]["gate"]["bias"], [[0.5, 1.5, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+        new["moe_layers"]["ffn"]["router"]["bias"], [[0.5, 1.5, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
     )
-    np.testing.assert_allclose(new["mtp"]["block"]["ffn"]["gate"]["bias"], [[0.5, 0.5, 0.5, -0.5]])
+    np.testing.assert_allclose(
+        new["mtp"]["block"]["ffn"]["router"]["bias"], [[0.5, 0.5, 0.5, -0.5]]
+    )
     with pytest.raises(ValueError, match="cover 3 MoE layers but moe_stats has 2"):
         update_biases(biases, counts[:2], 0.5)
 
@@ -137,6 +139,6 @@ def test_init_is_sharded_and_independent_of_the_mesh(setup):
     for name in ("mu", "nu"):
         moment = optax.tree.get(sharded.opt_state, name)["embed"]
         assert moment.sharding.spec == P(None, "fsdp")
-    assert sharded.biases["moe_layers"]["ffn"]["gate"]["bias"].sharding.is_fully_replicated
+    assert sharded.biases["moe_layers"]["ffn"]["router"]["bias"].sharding.is_fully_replicated
     # The same seed gives the same values, sharded or not.
     chex.assert_trees_all_equal(jax.device_get(sharded), jax.device_get(state))
