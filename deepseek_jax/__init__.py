@@ -4,12 +4,14 @@ from deepseek_jax.config import ModelConfig, RopeScaling, load_preset
 from deepseek_jax.inference.engine import GenerationResult, generate, generate_stream
 from deepseek_jax.model import DeepSeekModel, ModelOutput
 from deepseek_jax.params import count_params
+from deepseek_jax.sharding.parallel import ParallelConfig
 
 __all__ = [
     "DeepSeekModel",
     "GenerationResult",
     "ModelConfig",
     "ModelOutput",
+    "ParallelConfig",
     "RopeScaling",
     "count_params",
     "generate",

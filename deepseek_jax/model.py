@@ -16,12 +16,13 @@ from flax import nnx
 
 from deepseek_jax.attention import Attention, KVCache, init_kv_cache
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.gate import RoutingBias, bias_update
 from deepseek_jax.layers import MLP, linear, param
 from deepseek_jax.mla import MLA, LatentCache, init_cache
 from deepseek_jax.moe import MoE, MoEStats
+from deepseek_jax.moe.router import RoutingBias, bias_update
 from deepseek_jax.norm import RMSNorm
 from deepseek_jax.sharding.logical import constrain
+from deepseek_jax.sharding.parallel import ONE_DEVICE, ParallelConfig
 
 ACT_BTD = ("batch", "seq", "embed")
 
@@ -43,23 +44,34 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
         self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
-    def _ffn(self, h, token_mask, moe_impl):
+    def __call__(
+        self,
+        h,
+        positions,
+        segment_ids=None,
+        token_mask=None,
+        parallel: ParallelConfig = ONE_DEVICE,
+    ):
+        """h [B, T, D] -> (h [B, T, D], MoEStats or None); `parallel` places the output and
+        picks the MoE exchange."""
+        h = h + self.attn(self.attn_norm(h), positions, segment_ids).astype(h.dtype)
         y = self.ffn_norm(h)
         if isinstance(self.ffn, MoE):
-            return self.ffn(y, token_mask, impl=moe_impl)
-        return self.ffn(y), None
+            y, stats = self.ffn(y, token_mask, parallel=parallel)
+        else:
+            y, stats = self.ffn(y), None
+        return constrain(h + y.astype(h.dtype), ACT_BTD, parallel), stats
 
-    def __call__(self, h, positions, segment_ids=None, token_mask=None, moe_impl=None):
-        """h [B, T, D] -> (h [B, T, D], MoEStats or None)."""
-        h = h + self.attn(self.attn_norm(h), positions, segment_ids).astype(h.dtype)
-        y, stats = self._ffn(h, token_mask, moe_impl)
-        return constrain(h + y.astype(h.dtype), ACT_BTD), stats
+    def decode(self, h, positions, cache: LatentCache | KVCache):
+        """h [B, T, D] at positions [B, T] (= cache slots) -> (h, cache).
 
-    def decode(self, h, positions, cache: LatentCache | KVCache, moe_impl: str = "dropless"):
-        """h [B, T, D] at positions [B, T] (= cache slots) -> (h, cache); MoE routing is exact."""
+        MoE routing is exact (the dropless plan on one device, partitioned by GSPMD on a mesh):
+        a decode step's few tokens must not be dropped by a capacity meant for training batches.
+        """
         a, cache = self.attn.decode(self.attn_norm(h), positions, cache)
         h = h + a.astype(h.dtype)
-        y, _ = self._ffn(h, None, moe_impl)
+        y = self.ffn_norm(h)
+        y = self.ffn(y, algorithm="dropless")[0] if isinstance(self.ffn, MoE) else self.ffn(y)
         return h + y.astype(h.dtype), cache
 
 
@@ -122,7 +134,7 @@ class Context(NamedTuple):
     positions: jax.Array  # [B, T]
     segment_ids: jax.Array | None  # [B, T]
     token_mask: jax.Array | None  # [B, T] bool, False on padding
-    moe_impl: str | None
+    parallel: ParallelConfig  # the model's: activation constraints and the MoE exchange
     unroll: bool
 
 
@@ -148,11 +160,11 @@ class MTPModule(nnx.Module):
         self.block = Block(cfg, moe=cfg.is_moe, rngs=rngs)
         self.norm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
 
-    def __call__(self, h_prev, emb_next, positions, segment_ids, token_mask, moe_impl):
+    def __call__(self, h_prev, emb_next, positions, segment_ids, token_mask, parallel):
         """h_prev, emb_next [B, T, D] -> (h^k [B, T, D], normalised h^k, stats)."""
         x = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1)  # [B, T, 2D]
         h = linear(x, self.eh_proj[...], self.cfg).astype(h_prev.dtype)  # [B, T, D]
-        h, stats = self.block(h, positions, segment_ids, token_mask, moe_impl)
+        h, stats = self.block(h, positions, segment_ids, token_mask, parallel)
         return h, self.norm(h), stats
 
     def decode(self, h_prev, emb_next, positions, cache: LatentCache | KVCache):
@@ -164,10 +176,16 @@ class MTPModule(nnx.Module):
 
 
 class DeepSeekModel(nnx.Module):
-    """DeepSeek-V2/V3 causal LM. `model(input_ids)` -> ModelOutput."""
+    """DeepSeek-V2/V3 causal LM. `model(input_ids)` -> ModelOutput.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    `parallel` (a static attribute) says how the forward pass runs on devices: the mesh and
+    rules its activations are constrained to, and the MoE layers' expert-parallel exchange.
+    The default is one device. `model(ids)` computes the same thing wherever it is called.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, parallel: ParallelConfig = ONE_DEVICE):
         self.cfg = cfg
+        self.parallel = parallel
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed = param(rngs, (V, D), ("vocab", "embed"), cfg)
         self.dense_layers = stack(
@@ -194,7 +212,6 @@ class DeepSeekModel(nnx.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-        moe_impl: str | None = None,
         unroll: bool = False,
     ) -> ModelOutput:
         """Forward pass.
@@ -203,12 +220,11 @@ class DeepSeekModel(nnx.Module):
           input_ids: [B, T] int32 tokens.
           positions: [B, T] int32 (default arange(T)); restart per document when packed.
           segment_ids: [B, T] document ids of packed rows (0 = padding) or None.
-          moe_impl: override of cfg.moe_impl ("dropless" | "capacity" | "reference").
           unroll: Python loop instead of lax.scan over layers.
         Returns:
           ModelOutput with fp32 logits [B, T, V], MTP logits and per-layer routing stats.
         """
-        ctx = self.context(input_ids, positions, segment_ids, moe_impl, unroll)
+        ctx = self.context(input_ids, positions, segment_ids, unroll)
         h = self.embed_and_dense(input_ids, ctx)
         h, stats = self.run_stack(self.moe_layers, h, ctx)
         logits, mtp_logits, mtp_stats = self.outputs(h, input_ids, ctx)
@@ -222,27 +238,33 @@ class DeepSeekModel(nnx.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-        moe_impl: str | None = None,
         unroll: bool = False,
     ) -> tuple[jax.Array, MoEStats | None]:
         """The normalised last hidden state [B, T, D] that `head` maps to logits, and the MoEStats
         of the main stack; no head and no MTP modules (for log-probs chunked over T)."""
-        ctx = self.context(input_ids, positions, segment_ids, moe_impl, unroll)
+        ctx = self.context(input_ids, positions, segment_ids, unroll)
         h = self.embed_and_dense(input_ids, ctx)
         h, stats = self.run_stack(self.moe_layers, h, ctx)
         return self.norm(h), stats
 
+    def replace_parallel(self, parallel: ParallelConfig) -> DeepSeekModel:
+        """The same model (sharing its variables' values) running under `parallel`."""
+        graphdef, state = nnx.split(self)
+        model = nnx.merge(graphdef, state)
+        model.parallel = parallel
+        return model
+
     # The forward pass in three pieces, so that a pipeline can put them on different stages.
-    def context(self, input_ids, positions=None, segment_ids=None, moe_impl=None, unroll=False):
+    def context(self, input_ids, positions=None, segment_ids=None, unroll=False):
         B, T = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         token_mask = None if segment_ids is None else segment_ids > 0
-        return Context(positions, segment_ids, token_mask, moe_impl, unroll)
+        return Context(positions, segment_ids, token_mask, self.parallel, unroll)
 
     def embed_and_dense(self, input_ids: jax.Array, ctx: Context) -> jax.Array:
         """Token embedding and the first_k_dense_replace dense layers: [B, T] -> [B, T, D]."""
-        h = constrain(self._embed(input_ids), ACT_BTD)
+        h = constrain(self._embed(input_ids), ACT_BTD, ctx.parallel)
         return self.run_stack(self.dense_layers, h, ctx)[0]
 
     def run_stack(self, layers, h: jax.Array, ctx: Context):
@@ -251,7 +273,7 @@ class DeepSeekModel(nnx.Module):
             return h, None
 
         def layer_fn(layer, h, _):
-            return layer(h, ctx.positions, ctx.segment_ids, ctx.token_mask, ctx.moe_impl)
+            return layer(h, ctx.positions, ctx.segment_ids, ctx.token_mask, ctx.parallel)
 
         return scan_layers(layers, h, layer_fn, remat=self.cfg.remat, unroll=ctx.unroll)
 
@@ -275,7 +297,7 @@ class DeepSeekModel(nnx.Module):
                 ctx.positions,
                 ctx.segment_ids,
                 ctx.token_mask,
-                ctx.moe_impl,
+                ctx.parallel,
             )
             return (h_k, ids), (self.head(normed), s)
 
@@ -371,7 +393,6 @@ class DeepSeekModel(nnx.Module):
         input_ids: jax.Array,
         caches: list[LatentCache | KVCache],
         positions: jax.Array,
-        moe_impl: str = "dropless",
     ):
         """Runs T new tokens of each row at `positions` through the cached attention path.
 
@@ -381,11 +402,10 @@ class DeepSeekModel(nnx.Module):
 
         Args:
           input_ids: [B, T]; caches: from `init_cache`; positions: [B, T] int32.
-          moe_impl: routed-expert path; "dropless" (the default) routes exactly.
         Returns:
           (logits [B, T, V] fp32, updated caches).
         """
-        h, new = self.decode_hidden(input_ids, caches, positions, moe_impl)
+        h, new = self.decode_hidden(input_ids, caches, positions)
         return self.head(self.norm(h)), new
 
     def decode_hidden(
@@ -393,7 +413,6 @@ class DeepSeekModel(nnx.Module):
         input_ids: jax.Array,
         caches: list[LatentCache | KVCache],
         positions: jax.Array,
-        moe_impl: str = "dropless",
     ):
         """`decode` without the final norm and head: -> (last hidden h^0 [B, T, D], caches).
 
@@ -407,7 +426,7 @@ class DeepSeekModel(nnx.Module):
         h = self._embed(input_ids)
 
         def layer_fn(layer, h, cache):
-            return layer.decode(h, positions, kind(*cache), moe_impl)
+            return layer.decode(h, positions, kind(*cache))
 
         new = []
         stacks = [s for s in (self.dense_layers, self.moe_layers) if s is not None]

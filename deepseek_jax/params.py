@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.gate import RoutingBias
+from deepseek_jax.moe.router import RoutingBias
 
 
 @dataclasses.dataclass(frozen=True)

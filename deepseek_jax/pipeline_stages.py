@@ -18,6 +18,7 @@ from flax import nnx
 
 from deepseek_jax.losses import LossConfig, balance_loss, lm_loss
 from deepseek_jax.model import DeepSeekModel, ModelOutput
+from deepseek_jax.sharding.parallel import ParallelConfig
 from deepseek_jax.sharding.pipeline import pipeline_grads
 from deepseek_jax.sharding.schedules import Schedule
 
@@ -84,6 +85,9 @@ def pipelined_value_and_grad(
             f"{cfg.num_dense_layers} layers do not split into {PP} stages "
             "(num_hidden_layers must be divisible by stage)"
         )
+    # Inside the stage shard_map the executor places activations itself: no constraints, and
+    # the MoE runs its single-device plan on each stage's tokens.
+    model = model.replace_parallel(ParallelConfig())
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     stage_params = _stage_split(params[key], PP)
     has_rest = key in rest  # MoE stacks hold the routing bias; dense ones only parameters

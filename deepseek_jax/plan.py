@@ -40,10 +40,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from deepseek_jax import scaling
 from deepseek_jax.config import ModelConfig, load_preset
 from deepseek_jax.losses import LossConfig
+from deepseek_jax.moe import expert_parallel
 from deepseek_jax.params import count_params
-from deepseek_jax.sharding import expert_parallel
-from deepseek_jax.sharding.logical import use_rules
 from deepseek_jax.sharding.mesh import AXES, MeshConfig, abstract_mesh
+from deepseek_jax.sharding.parallel import Exchange, ParallelConfig, splits_tokens_or_experts
 from deepseek_jax.sharding.rules import batch_sharding, get_rules
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import RunShapes, make_train_step
@@ -234,7 +234,7 @@ def _flat(axes) -> tuple[str, ...]:
 
 def _in_shard_map(path: str, spec_axes: tuple) -> bool:
     """Weights the EP shard_map gathers and reduces itself (traced, not analytic)."""
-    return "experts" in spec_axes or path.endswith("ffn/gate/weight")
+    return "experts" in spec_axes or path.endswith("ffn/router/weight")
 
 
 def _analytic_collectives(
@@ -313,7 +313,7 @@ def plan(
     *,
     batch: int | None = None,
     seq: int = 4096,
-    exchange: expert_parallel.Exchange = "ragged",
+    exchange: Exchange = "ragged",
     buffer_factor: float | None = 2.0,
     platform: str = "cuda",
     train_cfg: TrainConfig | None = None,
@@ -355,17 +355,20 @@ def plan(
     b_sh = batch_sharding(mesh, rules)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=b_sh)
     batch_in = {"input_ids": tokens, "labels": tokens}
-    step = make_train_step(cfg, LossConfig(), train_cfg, graphdef, donate=False, shapes=shapes)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(step, in_shardings=(shardings, b_sh), out_shardings=(shardings, replicated))
+    # The model runs under an explicit ParallelConfig on the abstract mesh: constraints and
+    # shard_maps name it, so no context mesh is entered.
+    parallel = ParallelConfig(
+        mesh,
+        rules,
+        exchange if splits_tokens_or_experts(mesh_shape, rules) else "none",
+        buffer_factor,
+    )
+    step = make_train_step(
+        cfg, LossConfig(), train_cfg, graphdef, parallel=parallel, donate=False, shapes=shapes
+    )
     start = time.perf_counter()
-    with (
-        jax.sharding.use_abstract_mesh(mesh),
-        use_rules(rules),
-        expert_parallel.use_exchange(exchange, buffer_factor=buffer_factor),
-    ):
-        traced = jitted.trace(state, batch_in)
-        lowered = traced.lower(lowering_platforms=(platform,))
+    traced = step.trace(state, batch_in)
+    lowered = traced.lower(lowering_platforms=(platform,))
     lower_seconds = time.perf_counter() - start
     hlo_chars = len(lowered.as_text())
 

@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig, load_preset
-from deepseek_jax.gate import Routing
 from deepseek_jax.losses import (
     comm_balance_loss,
     device_balance_loss,
@@ -16,6 +15,7 @@ from deepseek_jax.losses import (
     seq_balance_loss,
 )
 from deepseek_jax.moe import MoE, MoEStats, routed_capacity
+from deepseek_jax.moe.router import Routing
 from deepseek_jax.testing import assert_close
 
 
@@ -36,20 +36,20 @@ def routed_only():
 
 def test_capacity_path_runs_routed_experts_in_fp8(routed_only):
     cfg, x = routed_only
-    plain, _ = MoE(cfg, rngs=nnx.Rngs(1))(x, impl="capacity")
-    fp8, stats = MoE(cfg.replace(fp8=True), rngs=nnx.Rngs(1))(x, impl="capacity")
+    plain, _ = MoE(cfg, rngs=nnx.Rngs(1))(x, algorithm="capacity")
+    fp8, stats = MoE(cfg.replace(fp8=True), rngs=nnx.Rngs(1))(x, algorithm="capacity")
     assert float(stats.dropped) == 0.0
     # FP8 must change the numbers (before the fix the two were bit-identical) ...
     assert not np.array_equal(np.asarray(plain), np.asarray(fp8))
     # ... exactly as the dropless FP8 path quantises them (same 1x128 / 128x128 tiles).
-    dropless, _ = MoE(cfg.replace(fp8=True), rngs=nnx.Rngs(1))(x, impl="dropless")
+    dropless, _ = MoE(cfg.replace(fp8=True), rngs=nnx.Rngs(1))(x, algorithm="dropless")
     assert_close(fp8, dropless)
 
 
 def test_reference_impl_refuses_fp8(routed_only):
     cfg, x = routed_only
     with pytest.raises(ValueError, match="fp8"):
-        MoE(cfg.replace(fp8=True), rngs=nnx.Rngs(1))(x, impl="reference")
+        MoE(cfg.replace(fp8=True), rngs=nnx.Rngs(1))(x, algorithm="reference")
 
 
 # ---- item 4 (single device): rank by raw affinity, padding takes no slot ------------------------
@@ -80,7 +80,9 @@ def test_padding_takes_no_capacity():
 def test_moe_dropped_fraction_ignores_padding(routed_only):
     cfg, x = routed_only
     mask = jnp.ones(x.shape[:2], bool).at[1].set(False)  # sequence 1 is all padding
-    _, stats = MoE(cfg.replace(capacity_factor=0.5), rngs=nnx.Rngs(1))(x, mask, impl="capacity")
+    _, stats = MoE(cfg.replace(capacity_factor=0.5), rngs=nnx.Rngs(1))(
+        x, mask, algorithm="capacity"
+    )
     # capacity ceil(0.5 * 16 * 2 / 8) = 2 per expert: at most 16 of the 16 real assignments fit
     counts = np.asarray(stats.expert_counts[0])  # real tokens of sequence 0 per expert
     expected = np.maximum(counts - 2, 0).sum() / (8 * cfg.num_experts_per_tok)
@@ -116,8 +118,8 @@ def test_v2_expert_loss_per_sequence_matches_deepseek_code():
     moe = MoE(cfg, rngs=nnx.Rngs(3))
     B, T = 3, 10
     x = jax.random.normal(jax.random.key(4), (B, T, cfg.hidden_size))
-    _, stats = moe(x, impl="dropless")
-    r = moe.gate(x.reshape(B * T, -1))
+    _, stats = moe(x, algorithm="dropless")
+    r = moe.router(x.reshape(B * T, -1))
     stats = jax.tree.map(lambda a: a[None], stats)  # one layer
     expect = _deepseek_seq_aux(r.experts, r.scores, B, T, 8, cfg.num_experts_per_tok)
     assert float(expert_balance_loss(stats, cfg)) == pytest.approx(expect, rel=1e-5)

@@ -87,7 +87,11 @@ def test_packed_rows_do_not_interact(tiny_cfg, tiny_model):
 
 @pytest.mark.parametrize("impl", ["dropless", "capacity"])
 def test_gradients_finite_through_everything(tiny_cfg, tiny_model, impl):
-    graphdef, params, rest = nnx.split(tiny_model, nnx.Param, ...)
+    _, params, rest = nnx.split(tiny_model, nnx.Param, ...)
+    # the same variables under a model whose MoE layers run `impl`
+    graphdef = nnx.graphdef(
+        nnx.eval_shape(lambda: DeepSeekModel(tiny_cfg.replace(moe_impl=impl), rngs=nnx.Rngs(0)))
+    )
     ids = _ids(tiny_cfg)
     batch = {"labels": jnp.roll(ids, -1, 1), "loss_mask": jnp.ones_like(ids).at[:, -1].set(0)}
     lcfg = LossConfig(
@@ -95,7 +99,7 @@ def test_gradients_finite_through_everything(tiny_cfg, tiny_model, impl):
     )
 
     def loss_fn(p):
-        out = nnx.merge(graphdef, p, rest)(ids, moe_impl=impl)
+        out = nnx.merge(graphdef, p, rest)(ids)
         return total_loss(out, batch, tiny_cfg, lcfg)[0]
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)  # jitted: one compile, not eager ops

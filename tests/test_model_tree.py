@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import load_preset
-from deepseek_jax.gate import RoutingBias
 from deepseek_jax.model import DeepSeekModel
+from deepseek_jax.moe.router import RoutingBias
 from deepseek_jax.norm import NormScale, RMSNorm
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.optimizer import weight_decay_mask

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import load_preset
-from deepseek_jax.gate import Routing
 from deepseek_jax.moe import MoE, expert_capacity, routed_capacity, routed_dropless
+from deepseek_jax.moe.router import Routing
 from deepseek_jax.testing import MODEL_FP32, assert_close
 
 
@@ -35,20 +35,20 @@ def per_token_numpy(x, r, wg, wu, wd):
 def test_dropless_and_reference_match_per_token_loop(moe_and_x):
     cfg, moe, x = moe_and_x
     xf = x.reshape(-1, cfg.hidden_size)
-    r = moe.gate(xf)
+    r = moe.router(xf)
     ws = (moe.w_gate[...], moe.w_up[...], moe.w_down[...])
     expect = per_token_numpy(xf, r, *ws)
     assert_close(routed_dropless(xf, r, *ws), expect)
-    out_ref, _ = moe(x, impl="reference")
-    out_drop, _ = moe(x, impl="dropless")
+    out_ref, _ = moe(x, algorithm="reference")
+    out_drop, _ = moe(x, algorithm="dropless")
     assert_close(out_drop, out_ref)
 
 
 def test_capacity_equals_dropless_when_nothing_dropped(moe_and_x):
     cfg, moe, x = moe_and_x
     big = MoE(cfg.replace(capacity_factor=8.0), rngs=nnx.Rngs(1))  # same init seed as moe
-    out_cap, stats = big(x, impl="capacity")
-    out_drop, _ = moe(x, impl="dropless")
+    out_cap, stats = big(x, algorithm="capacity")
+    out_drop, _ = moe(x, algorithm="dropless")
     assert float(stats.dropped) == 0.0
     assert_close(out_cap, out_drop)
 
@@ -73,7 +73,7 @@ def test_capacity_drops_lowest_affinity_first():
 def test_capacity_reports_dropped_fraction(moe_and_x):
     cfg, _, x = moe_and_x
     small = MoE(cfg.replace(capacity_factor=0.5), rngs=nnx.Rngs(1))
-    _, stats = small(x, impl="capacity")
+    _, stats = small(x, algorithm="capacity")
     M, K = x.shape[0] * x.shape[1], cfg.num_experts_per_tok
     cap = expert_capacity(M, cfg.replace(capacity_factor=0.5))
     counts = np.asarray(stats.expert_counts.sum(0))
@@ -99,7 +99,7 @@ def test_gradients_match_reference(moe_and_x):
     graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
 
     def loss(p, impl):
-        out, _ = nnx.merge(graphdef, p, rest)(x, impl=impl)
+        out, _ = nnx.merge(graphdef, p, rest)(x, algorithm=impl)
         return jnp.sum(out**2)
 
     grad = jax.jit(jax.grad(loss), static_argnums=1)

@@ -161,11 +161,11 @@ def _block_maps(
         F = cfg.intermediate_size
         return out + _mlp_maps(lin, ("ffn",), "mlp.", D, F)
     E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
-    out.append(m(("ffn", "gate", "weight"), "mlp.gate.weight", (D, E), (E, D)))
+    out.append(m(("ffn", "router", "weight"), "mlp.gate.weight", (D, E), (E, D)))
     if cfg.topk_method == "noaux_tc":
         out.append(
             m(
-                ("ffn", "gate", "bias"),
+                ("ffn", "router", "bias"),
                 "mlp.gate.e_score_correction_bias",
                 (E,),
                 (E,),

@@ -17,7 +17,7 @@ slots by gathers both ways (`dispatch` / `combine` and their VJPs), never by a s
     combine:    y[m] = sum_k g[m, k] ys[slot(m, k)]
     combine^T:  dys[p] = g(p) dy[token(p)],  dg[m, k] = dy[m] . ys[slot(m, k)]
 
-Used by the dropless MoE on CPU (deepseek_jax/moe.py `routed_blocked`). Its plain twins,
+Used by the dropless MoE on CPU (deepseek_jax/moe/ `routed_blocked`). Its plain twins,
 `ragged_dot` and the one-hot reference of grouped_matmul_reference.py, are held equal to it
 (forward and VJP) by tests/kernels/test_block_grouped_matmul.py.
 """

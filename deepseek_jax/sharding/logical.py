@@ -1,46 +1,22 @@
 """Logical-axis names -> mesh axes, applied to activations at block boundaries.
 
-Model code names only logical axes (`batch`, `seq`, `embed`, `heads`, `experts`, ...). Outside any
-`use_rules(...)` context `constrain` is the identity, so the model runs unsharded on one device.
+Model code names only logical axes (`batch`, `seq`, `embed`, `heads`, `experts`, ...);
+`constrain` places an activation by the mesh and rules of the `ParallelConfig` it is given
+(sharding/parallel.py) and is the identity for one device (no mesh or no rules).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 from jax.sharding import PartitionSpec
 
+if TYPE_CHECKING:
+    from deepseek_jax.sharding.parallel import ParallelConfig
+
 MeshAxes = str | tuple[str, ...] | None
-_RULES: contextvars.ContextVar[Mapping[str, MeshAxes] | None] = contextvars.ContextVar(
-    "deepseek_jax_logical_rules", default=None
-)
-
-
-@contextlib.contextmanager
-def use_rules(rules: Mapping[str, MeshAxes]) -> Iterator[None]:
-    """Activates a logical-axis -> mesh-axes table for `constrain` within the context."""
-    token = _RULES.set(dict(rules))
-    try:
-        yield
-    finally:
-        _RULES.reset(token)
-
-
-@contextlib.contextmanager
-def suspend_rules() -> Iterator[None]:
-    """Turns `constrain` off within the context (e.g. inside a shard_map with manual axes)."""
-    token = _RULES.set(None)
-    try:
-        yield
-    finally:
-        _RULES.reset(token)
-
-
-def current_rules() -> Mapping[str, MeshAxes] | None:
-    return _RULES.get()
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, MeshAxes]) -> PartitionSpec:
@@ -65,16 +41,14 @@ def activation_spec(axes: Sequence[str | None], rules: Mapping[str, MeshAxes]) -
     return PartitionSpec(*out)
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Constrains activation `x` to the sharding of its logical `axes` (no-op without rules).
+def constrain(x: jax.Array, axes: Sequence[str | None], parallel: ParallelConfig) -> jax.Array:
+    """Constrains activation `x` to the sharding of its logical `axes` under `parallel`.
 
-    Needs a context mesh (`jax.set_mesh`, or `jax.sharding.use_abstract_mesh` to plan).
+    The identity without a mesh or rules (one device, or inside a manual shard_map).
     """
-    rules = _RULES.get()
-    if rules is None:
-        return x
     if len(axes) != x.ndim:
         raise ValueError(
             f"constrain: {len(axes)} logical axes {tuple(axes)} for a {x.ndim}-d array"
         )
-    return jax.lax.with_sharding_constraint(x, activation_spec(axes, rules))
+    sharding = parallel.sharding(axes)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)

@@ -48,6 +48,7 @@ from deepseek_jax.inference.engine import generate
 from deepseek_jax.rewards import RewardFn, accuracy_reward, format_reward, score
 from deepseek_jax.rl import group_advantages
 from deepseek_jax.sharding.mesh import make_mesh
+from deepseek_jax.sharding.parallel import ParallelConfig
 from deepseek_jax.sharding.rules import get_rules
 from deepseek_jax.train.config import RunConfig
 from deepseek_jax.train.loop import check_vocab, open_run
@@ -63,7 +64,6 @@ from deepseek_jax.train.post_config import PostConfig
 from deepseek_jax.train.step import (
     RunShapes,
     TrainState,
-    _contexts,
     _split_model,
     init_train_state,
     make_train_step,
@@ -285,12 +285,13 @@ def objective_for(cfg: RunConfig) -> tuple[Callable, str]:
 class Reference:
     """The frozen reference policy: a copy of some parameters and a jitted log-prob pass."""
 
-    def __init__(self, graphdef, state: TrainState, fn, mesh, rules):
-        self.graphdef, self.mesh, self.rules = graphdef, mesh, rules
+    def __init__(self, graphdef, state: TrainState, fn, parallel: ParallelConfig):
+        self.graphdef = graphdef
         self.reset(state)
 
         def apply(params, biases, other, batch):
-            return fn(nnx.merge(graphdef, params, biases, other), batch)
+            model = nnx.merge(graphdef, params, biases, other).replace_parallel(parallel)
+            return fn(model, batch)
 
         self._apply = jax.jit(apply)
 
@@ -301,8 +302,7 @@ class Reference:
         )
 
     def __call__(self, batch: dict) -> dict:
-        with _contexts(self.mesh, self.rules):
-            return self._apply(self.params, self.biases, self.other, batch)
+        return self._apply(self.params, self.biases, self.other, batch)
 
 
 class Task:
@@ -310,6 +310,7 @@ class Task:
 
     def __init__(self, cfg: RunConfig, graphdef, state: TrainState, mesh, rules, reward_fns=None):
         self.cfg, self.graphdef, self.mesh, self.rules = cfg, graphdef, mesh, rules
+        self.parallel = ParallelConfig.create(cfg.model.moe_impl, mesh, rules)
         self.template = chat_template(cfg)
         task, B, seed = cfg.train.task, cfg.data.global_batch_size, cfg.train.seed
         self.reference = None
@@ -319,7 +320,7 @@ class Task:
             pairs = load_dpo(cfg.post.data, self.template, seq_len=cfg.data.seq_len)
             self.stream = RowStream(pairs, B, seed=seed, shuffle=True)
             ref = functools.partial(dpo_reference, chunk_size=cfg.post.chunk_size)
-            self.reference = Reference(graphdef, state, ref, mesh, rules)
+            self.reference = Reference(graphdef, state, ref, self.parallel)
         else:
             self.records = load_prompts(cfg.post.data, self.template)
             index = {"record": np.arange(len(self.records))}
@@ -327,7 +328,7 @@ class Task:
             self.reward_fns, self.reward_weights = reward_functions(cfg.post, reward_fns)
             if cfg.post.beta > 0:
                 ref = functools.partial(grpo_reference, chunk_size=cfg.post.chunk_size)
-                self.reference = Reference(graphdef, state, ref, mesh, rules)
+                self.reference = Reference(graphdef, state, ref, self.parallel)
             self.rollout: dict | None = None
             self.rollout_metrics: dict[str, float] = {}
 

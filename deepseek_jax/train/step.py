@@ -20,7 +20,6 @@ in `ModelConfig.dtype` (bf16 on accelerators), casting weights at each use.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -33,11 +32,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import DataConfig
-from deepseek_jax.gate import RoutingBias
 from deepseek_jax.losses import LossConfig, total_loss
 from deepseek_jax.model import DeepSeekModel
+from deepseek_jax.moe.router import RoutingBias
 from deepseek_jax.pipeline_stages import pipelined_value_and_grad, split_microbatches
-from deepseek_jax.sharding.logical import suspend_rules, use_rules
+from deepseek_jax.sharding.parallel import ParallelConfig
 from deepseek_jax.sharding.pipeline import PipelineConfig
 from deepseek_jax.sharding.rules import batch_sharding, param_shardings
 from deepseek_jax.train.config import TrainConfig
@@ -246,18 +245,7 @@ def init_train_state(
     # The initialiser runs once: on CPU, where LLVM optimisation of its many random-number
     # kernels dominates (~2.5x the compile time), compile it unoptimised.
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-    with _contexts(mesh, rules):
-        return shapes.graphdef, create.lower().compile(compiler_options=options)()
-
-
-@contextlib.contextmanager
-def _contexts(mesh: Mesh | None, rules: dict | None):
-    with contextlib.ExitStack() as stack:
-        if mesh is not None:
-            stack.enter_context(jax.set_mesh(mesh))
-        if rules is not None:
-            stack.enter_context(use_rules(rules))
-        yield
+    return shapes.graphdef, create.lower().compile(compiler_options=options)()
 
 
 def update_biases(
@@ -321,6 +309,7 @@ def make_train_step(
     *,
     mesh: Mesh | None = None,
     rules: dict | None = None,
+    parallel: ParallelConfig | None = None,
     donate: bool = True,
     pipeline: PipelineConfig | None = None,
     data: DataConfig | None = None,
@@ -335,7 +324,10 @@ def make_train_step(
         lambda from loss_cfg; optimizer, gamma and lambda schedules from train_cfg).
       graphdef: from `init_train_state`.
       mesh, rules: when given, the state is sharded as `train_state_shardings`, the batch as
-        `batch_sharding`, and activations follow the rules' constraints; None = one device.
+        `batch_sharding`, and the model runs under `ParallelConfig.create(model_cfg.moe_impl,
+        mesh, rules)` (activation constraints, the MoE exchange); None = one device.
+      parallel: instead of mesh and rules, the model's ParallelConfig itself (e.g. the planner's
+        abstract mesh with a chosen exchange); its mesh and rules then place the state.
       donate: donate the input state's buffers (the caller must not reuse it).
       pipeline: with a schedule and a mesh whose `stage` axis is > 1, loss and gradients come
         from the pipeline executor (deepseek_jax/sharding/pipeline.py) over that axis.
@@ -366,9 +358,15 @@ def make_train_step(
     schedule = lr_schedule(train_cfg, data)
     plan = None if data is None else batch_plan(data)
     accum = train_cfg.grad_accum
+    if parallel is None:
+        parallel = ParallelConfig.create(model_cfg.moe_impl, mesh, rules)
+    elif mesh is not None or rules is not None:
+        raise ValueError("make_train_step: give either mesh and rules or parallel, not both")
+    else:
+        mesh, rules = parallel.mesh, parallel.rules_dict
 
     def loss_fn(params, biases, other, batch, mtp_lambda):
-        model = nnx.merge(graphdef, params, biases, other)
+        model = nnx.merge(graphdef, params, biases, other).replace_parallel(parallel)
         if objective is None:
             return pretrain_objective(model, batch, loss_cfg=loss_cfg, mtp_lambda=mtp_lambda)
         return objective(model, batch)
@@ -397,10 +395,9 @@ def make_train_step(
 
     def pipelined(state: TrainState, batch: Batch, lam):
         model = nnx.merge(graphdef, state.params, state.biases, state.other)
-        with suspend_rules():  # the stage shard_map places activations itself
-            loss, grads, counts, metrics = pipelined_value_and_grad(
-                model, batch, pipe, mesh, loss_cfg, lam
-            )
+        loss, grads, counts, metrics = pipelined_value_and_grad(
+            model, batch, pipe, mesh, loss_cfg, lam
+        )
         grads = jax.tree.map(lambda p, g: g.astype(p.dtype), state.params, nnx.to_pure_dict(grads))
         # The pipeline runs dropless (a dense model has no counts at all).
         dropped = None if counts is None else jnp.zeros((counts.shape[0],), jnp.float32)
@@ -440,50 +437,49 @@ def make_train_step(
         return losses.sum(), grads, metrics, counts, dropped
 
     def step(state: TrainState, batch: Batch):
-        with _contexts(None, rules):
-            gamma, lam = schedules(state, _rows(batch) * _tokens_per_row(batch))
-            loss, grads, metrics, counts, dropped = grads_and_metrics(state, batch, lam)
-            grad_norm = optax.tree.norm(grads)
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            lr = schedule(state.step - state.skipped)  # optax's count = applied updates
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            finite = finite & all_finite((params, opt_state))  # e.g. lr=nan: finite grads
-            biases = state.biases
-            if counts is not None and jax.tree.leaves(biases):
-                biases = update_biases(graphdef, state, counts, gamma)
+        gamma, lam = schedules(state, _rows(batch) * _tokens_per_row(batch))
+        loss, grads, metrics, counts, dropped = grads_and_metrics(state, batch, lam)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        lr = schedule(state.step - state.skipped)  # optax's count = applied updates
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = finite & all_finite((params, opt_state))  # e.g. lr=nan: finite grads
+        biases = state.biases
+        if counts is not None and jax.tree.leaves(biases):
+            biases = update_biases(graphdef, state, counts, gamma)
 
-            def keep(new, old):  # a non-finite step leaves everything as it was
-                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def keep(new, old):  # a non-finite step leaves everything as it was
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
-            skipped = state.skipped + (~finite).astype(jnp.int32)
-            new_state = TrainState(
-                step=state.step + 1,
-                params=keep(params, state.params),
-                biases=keep(biases, state.biases),
-                other=state.other,
-                opt_state=keep(opt_state, state.opt_state),
-                rng=state.rng,
-                skipped=skipped,
-            )
-            out = dict(metrics)
-            out.update(
-                loss=loss,
-                grad_norm=grad_norm,
-                lr=lr,
-                bias_update_speed=gamma,
-                mtp_lambda=lam,
-                finite=finite.astype(jnp.float32),
-                skipped=skipped,
-            )
-            if counts is not None:
-                mean = jnp.maximum(counts.mean(-1), 1e-9)  # [L]
-                out["expert_load_max"] = counts.max(-1) / mean
-                out["expert_load_min"] = counts.min(-1) / mean
-                out["dropped"] = dropped
-                # [L, E] share of each layer's (token, expert) assignments: the report's heatmap
-                out["expert_load"] = counts / jnp.maximum(counts.sum(-1, keepdims=True), 1e-9)
-            return new_state, out
+        skipped = state.skipped + (~finite).astype(jnp.int32)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            biases=keep(biases, state.biases),
+            other=state.other,
+            opt_state=keep(opt_state, state.opt_state),
+            rng=state.rng,
+            skipped=skipped,
+        )
+        out = dict(metrics)
+        out.update(
+            loss=loss,
+            grad_norm=grad_norm,
+            lr=lr,
+            bias_update_speed=gamma,
+            mtp_lambda=lam,
+            finite=finite.astype(jnp.float32),
+            skipped=skipped,
+        )
+        if counts is not None:
+            mean = jnp.maximum(counts.mean(-1), 1e-9)  # [L]
+            out["expert_load_max"] = counts.max(-1) / mean
+            out["expert_load_min"] = counts.min(-1) / mean
+            out["dropped"] = dropped
+            # [L, E] share of each layer's (token, expert) assignments: the report's heatmap
+            out["expert_load"] = counts / jnp.maximum(counts.sum(-1, keepdims=True), 1e-9)
+        return new_state, out
 
     if mesh is None:
         jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
@@ -498,7 +494,9 @@ def make_train_step(
             out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
             donate_argnums=(0,) if donate else (),
         )
-    return _MeshBound(jitted, mesh, rules, place=objective is not None)
+    if objective is None or mesh is None:
+        return jitted
+    return _PlacedStep(jitted, mesh, rules)
 
 
 def place_batch(batch: Batch, mesh: Mesh | None, rules: dict | None) -> Batch:
@@ -512,20 +510,15 @@ def place_batch(batch: Batch, mesh: Mesh | None, rules: dict | None) -> Batch:
     }
 
 
-class _MeshBound:
-    """A jitted function that is traced and run under `jax.set_mesh(mesh)` (which cannot be
-    entered inside jit), so the model's bare-PartitionSpec constraints resolve against `mesh`."""
+class _PlacedStep:
+    """A post-training step: puts the batch's leaves (of mixed ranks) on the mesh, then runs the
+    jitted step (`place_batch`), so callers may pass host arrays."""
 
-    def __init__(self, jitted, mesh: Mesh | None, rules: dict | None, place: bool = False):
-        self.jitted, self.mesh, self.rules, self.place = jitted, mesh, rules, place
+    def __init__(self, jitted, mesh: Mesh, rules: dict | None):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
 
-    def _args(self, state, batch):
-        return state, place_batch(batch, self.mesh, self.rules) if self.place else batch
+    def __call__(self, state, batch):
+        return self.jitted(state, place_batch(batch, self.mesh, self.rules))
 
-    def __call__(self, *args):
-        with _contexts(self.mesh, self.rules):
-            return self.jitted(*self._args(*args))
-
-    def lower(self, *args):
-        with _contexts(self.mesh, self.rules):
-            return self.jitted.lower(*self._args(*args))
+    def lower(self, state, batch):
+        return self.jitted.lower(state, place_batch(batch, self.mesh, self.rules))

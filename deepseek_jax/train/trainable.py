@@ -78,8 +78,8 @@ def load_initial_params(state, graphdef, path: str):
     """
     from flax import nnx
 
-    from deepseek_jax.gate import RoutingBias
     from deepseek_jax.inference.cli import load_for_generation
+    from deepseek_jax.moe.router import RoutingBias
 
     model, _, _ = load_for_generation(path)
     _, params, biases, _ = nnx.split(model, nnx.Param, RoutingBias, ...)

@@ -60,7 +60,7 @@ def test_bf16_hub_orbax_hub_is_bit_exact(tiny_ckpts, torch_io, tmp_path):
     assert zarr["dtype"] == "bfloat16" and zarr["chunks"][:2] == [1, 1]
     head = json.loads(open(os.path.join(orb, "lm_head", ".zarray")).read())
     assert head["shape"] == [64, 128] and head["chunks"] == [64, 16]  # V split: 2 KB chunks
-    bias = json.loads(open(os.path.join(orb, "moe_layers.ffn.gate.bias", ".zarray")).read())
+    bias = json.loads(open(os.path.join(orb, "moe_layers.ffn.router.bias", ".zarray")).read())
     assert bias["dtype"] == "<f4"
     out = orbax_to_hf(
         orb, tmp_path / "back", max_shard_bytes=150_000, progress=False, chunk_bytes=2048

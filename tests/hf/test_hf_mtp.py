@@ -46,11 +46,11 @@ def test_mtp_weights_are_the_files(tiny_ckpts):
             blk.ffn.w_down[...][0, e], f(p + f"mlp.experts.{e}.down_proj.weight").T
         )
     np.testing.assert_array_equal(
-        blk.ffn.gate.bias[...][0], f(p + "mlp.gate.e_score_correction_bias")
+        blk.ffn.router.bias[...][0], f(p + "mlp.gate.e_score_correction_bias")
     )
     # The MTP block is distinct from the last main layer (the file's layer 3 != layer 2).
     assert not np.array_equal(
-        blk.ffn.gate.weight[...][0], model.moe_layers.ffn.gate.weight[...][-1]
+        blk.ffn.router.weight[...][0], model.moe_layers.ffn.router.weight[...][-1]
     )
 
 

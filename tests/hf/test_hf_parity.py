@@ -49,11 +49,11 @@ def test_configs_exercise_the_features(tiny_ckpts):
 def test_selection_bias_is_loaded_and_matters(tiny_ckpts, logits):
     directory, torch_model, ref = tiny_ckpts.get("v3")
     model = _load(directory)
-    bias = np.asarray(model.moe_layers.ffn.gate.bias[...])
+    bias = np.asarray(model.moe_layers.ffn.router.bias[...])
     want = torch_model.model.layers[1].mlp.gate.e_score_correction_bias.numpy()
     assert bias.dtype == np.float32
     np.testing.assert_array_equal(bias[0], want)
-    model.moe_layers.ffn.gate.bias[...] = jnp.zeros_like(bias)
+    model.moe_layers.ffn.router.bias[...] = jnp.zeros_like(bias)
     unbiased = logits(model, tiny_ckpts.ids)
     assert np.abs(unbiased - ref).max() > 1e-2  # the bias changes routing, so it was tested
 

@@ -238,7 +238,7 @@ def test_fp8_checkpoint_is_kept_as_stored(ckpt, served):
     layers = served.moe_layers
     for var in (layers.attn.wq_a, layers.attn.wkv_b, layers.attn.wo, layers.ffn.w_down):
         assert isinstance(var, Fp8Param) and isinstance(var[...], Fp8Weight)
-    for var in (served.embed, served.lm_head, layers.ffn.gate.weight, layers.attn_norm.weight):
+    for var in (served.embed, served.lm_head, layers.ffn.router.weight, layers.attn_norm.weight):
         assert not isinstance(var, Fp8Param) and var[...].dtype == jnp.float32
     # Bytes as stored: our [K, N] is hub.T, the scale grid transposes with it.
     q, s = parts["model.layers.1.mlp.experts.5.down_proj.weight"]
@@ -313,5 +313,9 @@ def test_requested_fp8_that_cannot_be_honoured_is_an_error(ckpt, served):
     with pytest.raises(ValueError, match="mesh"):
         load_pretrained(ckpt[0], weights="fp8", mesh=mesh)
     ids = jnp.zeros((1, 4), jnp.int32)
+    capacity = nnx.clone(served)  # the same weights with ModelConfig.moe_impl='capacity'
+    for _, node in nnx.iter_graph(capacity):
+        if isinstance(node, nnx.Module) and hasattr(node, "cfg"):
+            node.cfg = node.cfg.replace(moe_impl="capacity")
     with pytest.raises(ValueError, match="moe_impl='dropless'"):
-        served(ids, moe_impl="capacity")
+        capacity(ids)

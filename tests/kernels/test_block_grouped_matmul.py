@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.gate import Routing
 from deepseek_jax.kernels import block_grouped_matmul as bgm
 from deepseek_jax.kernels import grouped_matmul as gm
 from deepseek_jax.moe import routed_blocked, routed_dropless, routed_reference
+from deepseek_jax.moe.router import Routing
 from deepseek_jax.testing import assert_close
 
 E, D, F = 4, 24, 16

@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import load_preset
-from deepseek_jax.gate import Routing
 from deepseek_jax.moe import MoE, routed_dropless
-from deepseek_jax.sharding import expert_parallel as ep
-from deepseek_jax.sharding.logical import use_rules
+from deepseek_jax.moe import expert_parallel as ep
+from deepseek_jax.moe.router import Routing
 from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
+from deepseek_jax.sharding.parallel import ParallelConfig
 from deepseek_jax.sharding.rules import get_rules
 from deepseek_jax.testing import assert_close
 
@@ -44,7 +44,7 @@ def test_protected_sequences_share():
 def block():
     cfg = load_preset("v3-tiny").replace(n_shared_experts=0)  # E=8, K=2, fp32
     moe = MoE(cfg, rngs=nnx.Rngs(1))
-    moe.gate.bias[...] = 0.3 * jax.random.normal(jax.random.key(3), (cfg.n_routed_experts,))
+    moe.router.bias[...] = 0.3 * jax.random.normal(jax.random.key(3), (cfg.n_routed_experts,))
     x = jax.random.normal(jax.random.key(2), (B, T, cfg.hidden_size))
     mask = jnp.ones((B, T), bool).at[0, 4:].set(False).at[5, 1:].set(False)  # some padding
     return cfg, moe, x, mask
@@ -73,9 +73,8 @@ def _expected_keep(r, cfg, mask, share):
 
 
 def _run(moe, x, mask):
-    mesh, rules = make_mesh(MESH), get_rules(MESH.rules)
-    with jax.set_mesh(mesh), use_rules(rules):
-        return jax.jit(lambda m, x, k: m(x, k, impl="ep_capacity"))(moe, x, mask)
+    parallel = ParallelConfig(make_mesh(MESH), get_rules(MESH.rules), exchange="capacity")
+    return jax.jit(lambda m, x, k: m(x, k, parallel=parallel))(moe, x, mask)
 
 
 @pytest.mark.parametrize("share", [0.0, 0.25])
@@ -85,7 +84,7 @@ def test_device_level_dropping_matches_the_v2_rule(block, share):
     moe.cfg = small = cfg.replace(capacity_factor=0.5, never_drop_share=share)
     out, stats = _run(moe, x, mask)
     xf = x.reshape(-1, cfg.hidden_size)
-    r = moe.gate(xf)
+    r = moe.router(xf)
     keep, real = _expected_keep(r, small, mask, share)
     n_real = real.sum() * cfg.num_experts_per_tok
     assert 0 < keep.sum() < n_real  # the case drops something
@@ -101,13 +100,13 @@ def test_no_device_over_budget_drops_nothing(block):
     # assignments here although every device's total load fits its budget cf M_l K.
     cfg, moe, _, _ = block
     moe = nnx.merge(*nnx.split(moe))
-    moe.gate.bias[...] = jnp.zeros_like(moe.gate.bias[...])
+    moe.router.bias[...] = jnp.zeros_like(moe.router.bias[...])
     # Each source sends its tokens to one device: sequence b aligns with expert 2 (b mod 4).
-    w = moe.gate.weight[...]  # [D, E]
+    w = moe.router.weight[...]  # [D, E]
     aim = w[:, 2 * (np.arange(B) % P)].T / jnp.linalg.norm(w[:, 0])  # [B, D]
     noise = jax.random.normal(jax.random.key(5), (B, T, cfg.hidden_size))
     x = 30.0 * aim[:, None, :] + 0.1 * noise
-    r = moe.gate(x.reshape(-1, cfg.hidden_size))
+    r = moe.router(x.reshape(-1, cfg.hidden_size))
     E_l, K = cfg.n_routed_experts // P, cfg.num_experts_per_tok
     dest = np.asarray(r.experts).reshape(GROUPS, P, T, K) // E_l  # [group, source, token, K]
     load = np.stack([(dest == d).sum((1, 2, 3)) for d in range(P)], 1)  # [group, device]

@@ -13,12 +13,12 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import load_preset
-from deepseek_jax.gate import route
 from deepseek_jax.moe import MoE
+from deepseek_jax.moe import expert_parallel as ep
+from deepseek_jax.moe.router import route
 from deepseek_jax.plan import collectives_from_jaxpr, collectives_from_stablehlo
-from deepseek_jax.sharding import expert_parallel as ep
-from deepseek_jax.sharding.logical import use_rules
 from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
+from deepseek_jax.sharding.parallel import ONE_DEVICE, ParallelConfig, default_exchange
 from deepseek_jax.sharding.rules import get_rules
 from deepseek_jax.testing import MODEL_FP32, assert_close
 
@@ -31,36 +31,31 @@ def block():
     cfg = load_preset("v3-tiny")  # E=8, K=2, 4 groups of 2, topk_group=2, fp32
     moe = MoE(cfg, rngs=nnx.Rngs(1))
     # A random selection bias spreads the routing over all experts and groups.
-    moe.gate.bias[...] = 0.3 * jax.random.normal(jax.random.key(3), (cfg.n_routed_experts,))
+    moe.router.bias[...] = 0.3 * jax.random.normal(jax.random.key(3), (cfg.n_routed_experts,))
     x = jax.random.normal(jax.random.key(2), (B, T, cfg.hidden_size))
     return cfg, moe, x
 
 
-def _context(mesh_cfg):
-    return make_mesh(mesh_cfg), get_rules(mesh_cfg.rules)
+def _parallel(mesh_cfg, exchange):
+    return ParallelConfig(make_mesh(mesh_cfg), get_rules(mesh_cfg.rules), exchange)
 
 
-def _out_and_grads(moe, x, impl, mesh_cfg=None):
-    """(output, stats, d/dx, d/dweights) of sum(out^2), jitted (under the mesh when given)."""
+def _out_and_grads(moe, x, parallel=ONE_DEVICE):
+    """(output, stats, d/dx, d/dweights) of sum(out^2), jitted."""
 
     def loss(m, x):
-        out, stats = m(x, impl=impl)
+        out, stats = m(x, parallel=parallel)
         return (out**2).sum(), (out, stats)
 
     fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-    if mesh_cfg is None:
-        (g_m, g_x), (out, stats) = fn.lower(moe, x).compile(FAST_COMPILE)(moe, x)
-    else:
-        mesh, rules = _context(mesh_cfg)
-        with jax.set_mesh(mesh), use_rules(rules):
-            (g_m, g_x), (out, stats) = fn.lower(moe, x).compile(FAST_COMPILE)(moe, x)
+    (g_m, g_x), (out, stats) = fn.lower(moe, x).compile(FAST_COMPILE)(moe, x)
     return out, stats, g_x, nnx.state(g_m, nnx.Param)
 
 
 @pytest.fixture(scope="module")
 def reference(block):
     cfg, moe, x = block
-    return _out_and_grads(moe, x, "dropless")
+    return _out_and_grads(moe, x)  # v3-tiny: moe_impl='dropless' on one device
 
 
 # ---- per-device plans ---------------------------------------------------------------------
@@ -152,18 +147,19 @@ def test_emulated_ragged_all_to_all_matches_jax_docstring_example():
 
 # ---- the block under shard_map --------------------------------------------------------------
 EP_CASES = [
-    ("ep_ragged_emulated", MeshConfig(data=2, fsdp=1, expert=4, rules="ep")),
-    ("ep_capacity", MeshConfig(fsdp=2, expert=4, rules="fsdp_ep")),
+    ("ragged_emulated", MeshConfig(data=2, fsdp=1, expert=4, rules="ep")),
+    ("capacity", MeshConfig(fsdp=2, expert=4, rules="fsdp_ep")),
 ]
 
 
-@pytest.mark.parametrize("impl,mesh_cfg", EP_CASES, ids=[c[0] for c in EP_CASES])
-def test_ep_block_equals_dropless_reference(block, reference, impl, mesh_cfg):
+@pytest.mark.parametrize("exchange,mesh_cfg", EP_CASES, ids=[c[0] for c in EP_CASES])
+def test_ep_block_equals_dropless_reference(block, reference, exchange, mesh_cfg):
     cfg, moe, x = block
-    if impl == "ep_capacity":  # C = M_l K cf / P >= M_l min(K, E/P): no device can overflow
+    if exchange == "capacity":  # C = M_l K cf / P >= M_l min(K, E/P): no device can overflow
         moe = nnx.merge(*nnx.split(moe))
         moe.cfg = cfg.replace(capacity_factor=4.0)
-    out, stats, g_x, g_w = _out_and_grads(moe, x, impl, mesh_cfg)
+    parallel = _parallel(mesh_cfg, exchange)
+    out, stats, g_x, g_w = _out_and_grads(moe, x, parallel)
     ref_out, ref_stats, ref_gx, ref_gw = reference
     assert float(stats.dropped) == 0.0
     assert_close(out, ref_out, **MODEL_FP32)
@@ -172,20 +168,22 @@ def test_ep_block_equals_dropless_reference(block, reference, impl, mesh_cfg):
     # Per-sequence counts come back whole; their sum is the global (whole-mesh) load.
     np.testing.assert_array_equal(np.asarray(stats.expert_counts), ref_stats.expert_counts)
     np.testing.assert_array_equal(
-        np.asarray(ep.global_expert_load(stats.expert_counts)), ref_stats.expert_counts.sum(0)
+        np.asarray(ep.global_expert_load(stats.expert_counts, parallel)),
+        ref_stats.expert_counts.sum(0),
     )
 
 
-def _lower_block(moe, x, impl, mesh_cfg, grad: bool):
-    mesh, rules = _context(mesh_cfg)
+def _lower_block(moe, x, exchange, mesh_cfg, grad: bool):
+    parallel = _parallel(mesh_cfg, exchange)
 
     def loss(m, x):
-        return (m(x, impl=impl)[0] ** 2).sum()
+        return (m(x, parallel=parallel)[0] ** 2).sum()
 
-    fn = jax.jit(jax.grad(loss, argnums=(0, 1)) if grad else lambda m, x: m(x, impl=impl)[0])
-    with jax.set_mesh(mesh), use_rules(rules):
-        traced = fn.trace(moe, x)
-        return traced, traced.lower()
+    fn = jax.jit(
+        jax.grad(loss, argnums=(0, 1)) if grad else lambda m, x: m(x, parallel=parallel)[0]
+    )
+    traced = fn.trace(moe, x)
+    return traced, traced.lower()
 
 
 def test_all_to_all_bytes_match_analytic_count(block):
@@ -198,7 +196,7 @@ def test_all_to_all_bytes_match_analytic_count(block):
     ids = P * sizes.send_rows * 4  # its int32 expert ids
     verdicts = P * sizes.pair_rows * (4 + 1)  # fp32 priorities out, int8 verdicts back
     for grad, expect in ((False, 2 * send + ids + verdicts), (True, 4 * send + ids + verdicts)):
-        traced, lowered = _lower_block(moe, x, "ep_capacity", mesh_cfg, grad)
+        traced, lowered = _lower_block(moe, x, "capacity", mesh_cfg, grad)
         traced_bytes = collectives_from_jaxpr(traced.jaxpr, dict(make_mesh(mesh_cfg).shape))
         hlo_bytes = collectives_from_stablehlo(lowered.as_text())
         assert traced_bytes["all_to_all"].operand_bytes == expect
@@ -210,7 +208,7 @@ def test_ragged_path_lowers_with_ragged_all_to_all(block):
     # XLA:CPU cannot compile ragged-all-to-all, but the real path lowers with the same code.
     cfg, moe, x = block
     mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
-    traced, lowered = _lower_block(moe, x, "ep_ragged", mesh_cfg, grad=True)
+    traced, lowered = _lower_block(moe, x, "ragged", mesh_cfg, grad=True)
     hlo = collectives_from_stablehlo(lowered.as_text())
     assert hlo["ragged_all_to_all"].count == 4  # dispatch + combine, and their transposes
     traced_bytes = collectives_from_jaxpr(traced.jaxpr, dict(make_mesh(mesh_cfg).shape))
@@ -225,7 +223,7 @@ def test_ragged_path_lowers_with_ragged_all_to_all(block):
 # ---- node-limited routing, layouts, dispatch --------------------------------------------------
 def test_node_limited_routing_bounds_nodes_per_token(block):
     cfg, moe, x = block
-    r = moe.gate(x.reshape(-1, cfg.hidden_size))
+    r = moe.router(x.reshape(-1, cfg.hidden_size))
     nodes = np.asarray(ep.nodes_per_token(r.experts, cfg, ep_size=8))  # 4 nodes of 2 devices
     assert nodes.max() <= cfg.topk_group and nodes.max() == 2
     # V3 at scale: 256 experts over EP64, 8 groups = 8 nodes of 8 devices, 4 nodes per token.
@@ -250,16 +248,40 @@ def test_layout_validation_names_the_rule():
     assert (layout.ep_size, layout.batch_shards, layout.ffn_axes) == (4, 8, ("tensor",))
 
 
-def test_moe_dispatches_to_expert_parallel_under_rules(block):
+def test_parallel_config_alone_decides_the_moe_path(block):
     cfg, moe, x = block
-    assert not ep.ep_active()
-    mesh, rules = _context(MeshConfig(data=2, fsdp=1, expert=4, rules="ep"))
-    with jax.set_mesh(mesh), use_rules(rules):
-        assert ep.ep_active()
-        jaxpr = str(jax.make_jaxpr(lambda m, x: m(x))(moe, x))
+    mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
+    mesh, rules = make_mesh(mesh_cfg), get_rules(mesh_cfg.rules)
+    parallel = ParallelConfig.create(cfg.moe_impl, mesh, rules, backend="cpu")
+    assert parallel.exchange == "ragged_emulated" and parallel.rules_dict == dict(rules)
+    jaxpr = str(jax.make_jaxpr(lambda m, x: m(x, parallel=parallel))(moe, x))
     assert "shard_map" in jaxpr and "all_gather" in jaxpr  # the CPU default: emulated ragged
-    assert ep.default_exchange(cfg, backend="gpu") == "ragged"
-    assert ep.default_exchange(cfg, backend="cpu") == "ragged_emulated"
-    assert ep.default_exchange(cfg.replace(moe_impl="capacity"), backend="gpu") == "capacity"
-    with ep.use_exchange("capacity"):
-        assert ep.default_exchange(cfg, backend="gpu") == "capacity"
+    # No ambient context: under a context mesh the call without a ParallelConfig stays local.
+    with jax.set_mesh(mesh):
+        assert "shard_map" not in str(jax.make_jaxpr(lambda m, x: m(x))(moe, x))
+    assert hash(parallel) == hash(ParallelConfig.create(cfg.moe_impl, mesh, rules, backend="cpu"))
+    assert default_exchange("dropless", backend="gpu") == "ragged"
+    assert default_exchange("dropless", backend="cpu") == "ragged_emulated"
+    assert default_exchange("capacity", backend="gpu") == "capacity"
+    assert ParallelConfig.create("dropless", None, None).exchange == "none"
+    dp1 = make_mesh(MeshConfig(data=1, fsdp=1, rules="dp"), jax.devices()[:1])  # no split
+    assert ParallelConfig.create("dropless", dp1, get_rules("dp")).exchange == "none"
+    explicit = ParallelConfig.create("dropless", mesh, rules, exchange="capacity")
+    assert explicit.exchange == "capacity"
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(exchange="alltoall"), "exchange"),
+        (dict(buffer_factor=0.0), "buffer_factor"),
+        (dict(mesh=None, exchange="ragged"), "mesh"),
+        (dict(rules={"batch": "nope"}), "rules"),
+        (dict(rules={"batch": None}, exchange="ragged"), "exchange"),
+    ],
+)
+def test_parallel_config_errors_name_the_field(kwargs, field):
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, expert=4, rules="ep"))
+    args = dict(mesh=mesh, rules=get_rules("ep"), exchange="none") | kwargs
+    with pytest.raises(ValueError, match=f"ParallelConfig.{field}"):
+        ParallelConfig(**args)

@@ -11,8 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import load_preset
 from deepseek_jax.model import DeepSeekModel
-from deepseek_jax.sharding.logical import activation_spec, constrain, use_rules
+from deepseek_jax.sharding.logical import activation_spec, constrain
 from deepseek_jax.sharding.mesh import AXES, MeshConfig, abstract_mesh, make_mesh, parse_mesh
+from deepseek_jax.sharding.parallel import ONE_DEVICE, ParallelConfig
 from deepseek_jax.sharding.rules import (
     RULE_PRESETS,
     batch_spec,
@@ -161,11 +162,13 @@ def test_activation_spec_gives_the_batch_priority():
 
 def test_constrain_is_identity_without_rules_and_shards_under_them():
     x = jnp.arange(8 * 4 * 2, dtype=jnp.float32).reshape(8, 4, 2)
-    assert constrain(x, ("batch", "seq", "embed")) is x
+    assert constrain(x, ("batch", "seq", "embed"), ONE_DEVICE) is x
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, expert=2, rules="fsdp_ep"))
-    with jax.set_mesh(mesh), use_rules(get_rules("fsdp_ep")):
-        y = jax.jit(lambda v: constrain(v * 2, ("batch", "seq", "embed")))(x)
-        with pytest.raises(ValueError, match="2 logical axes"):
-            constrain(x, ("batch", "seq"))
+    assert constrain(x, ("batch", "seq", "embed"), ParallelConfig(mesh)) is x  # no rules
+    parallel = ParallelConfig(mesh, get_rules("fsdp_ep"))
+    # no context mesh: the config's own mesh places the activation
+    y = jax.jit(lambda v: constrain(v * 2, ("batch", "seq", "embed"), parallel))(x)
+    with pytest.raises(ValueError, match="2 logical axes"):
+        constrain(x, ("batch", "seq"), parallel)
     assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(BATCH, None, None)), 3)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)

@@ -77,13 +77,13 @@ def test_decay_mask_excludes_norms_and_biases(tiny_shapes):
     assert no_decay == norms  # every norm scale, stacked or not, and nothing else
     for p in ("norm/weight", "dense_layers/attn_norm/weight", "mtp/enorm/weight"):
         assert not mask[p]
-    for p in ("embed", "lm_head", "moe_layers/ffn/w_gate", "moe_layers/ffn/gate/weight"):
+    for p in ("embed", "lm_head", "moe_layers/ffn/w_gate", "moe_layers/ffn/router/weight"):
         assert mask[p]
     # The aux-loss-free routing bias is not a parameter: the optimizer never sees it.
     assert not any(p.endswith("bias") for p in mask)
     assert set(_paths(tiny_shapes.state.biases)) == {
-        "moe_layers/ffn/gate/bias",
-        "mtp/block/ffn/gate/bias",
+        "moe_layers/ffn/router/bias",
+        "mtp/block/ffn/router/bias",
     }
 
 

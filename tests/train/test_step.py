@@ -91,7 +91,7 @@ def test_bias_update_and_schedules(setup):
     moved = [
         float(
             jnp.abs(
-                a["moe_layers"]["ffn"]["gate"]["bias"] - b["moe_layers"]["ffn"]["gate"]["bias"]
+                a["moe_layers"]["ffn"]["router"]["bias"] - b["moe_layers"]["ffn"]["router"]["bias"]
             ).max()
         )
         for a, b in zip(biases[:-1], biases[1:], strict=True)
@@ -105,8 +105,8 @@ def test_update_biases_applies_the_model_update(setup):
     new = update_biases(graphdef, state, counts, 0.5)
     old = state.biases
     for stack, rows in (("moe_layers", slice(0, cfg.num_moe_layers)), ("mtp", slice(-1, None))):
-        b = (new[stack] if stack == "moe_layers" else new[stack]["block"])["ffn"]["gate"]["bias"]
-        o = (old[stack] if stack == "moe_layers" else old[stack]["block"])["ffn"]["gate"]["bias"]
+        b = (new[stack] if stack == "moe_layers" else new[stack]["block"])["ffn"]["router"]["bias"]
+        o = (old[stack] if stack == "moe_layers" else old[stack]["block"])["ffn"]["router"]["bias"]
         c = np.asarray(counts[rows])
         want = o + 0.5 * np.sign(c.mean(-1, keepdims=True) - c)  # V3 Sec. 2.1.2
         np.testing.assert_allclose(b, want, rtol=1e-6)
@@ -134,6 +134,6 @@ def test_init_is_sharded_and_independent_of_the_mesh(setup):
     for name in ("mu", "nu"):
         moment = optax.tree.get(sharded.opt_state, name)["embed"]
         assert moment.sharding.spec == P(None, "fsdp")
-    assert sharded.biases["moe_layers"]["ffn"]["gate"]["bias"].sharding.is_fully_replicated
+    assert sharded.biases["moe_layers"]["ffn"]["router"]["bias"].sharding.is_fully_replicated
     # The same seed gives the same values, sharded or not.
     chex.assert_trees_all_equal(jax.device_get(sharded), jax.device_get(state))

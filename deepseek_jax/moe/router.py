@@ -69,7 +69,7 @@ def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routin
     return Routing(weights, experts.astype(jnp.int32), scores)
 
 
-class Gate(nnx.Module):
+class Router(nnx.Module):
     """Router weights e_i [D, E] and, for V3, the selection bias b [E] (kept in fp32)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -81,7 +81,7 @@ class Gate(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array) -> Routing:
-        """x [M, D] -> routing of each of the M tokens. The gate runs in fp32 (V3 Sec. 3.3.1)."""
+        """x [M, D] -> routing of each of the M tokens. The router runs in fp32 (V3 Sec. 3.3.1)."""
         logits = jnp.dot(x.astype(jnp.float32), self.weight[...].astype(jnp.float32))  # [M, E]
         bias = None if self.bias is None else self.bias[...]
         return route(logits, bias, self.cfg)

@@ -17,21 +17,19 @@ experts as one grouped matmul, sends the results back and forms the gated sum. T
                         those of the ~10% of sequences that are never dropped
                         (`ModelConfig.never_drop_share`, V2 Sec. 2.3); padding is never sent.
 
-Node-limited routing (V3 Sec. 2.1.2; V2's device-limited routing): the gate's `n_group` expert
+Node-limited routing (V3 Sec. 2.1.2; V2's device-limited routing): the router's `n_group` expert
 groups lie along the expert axis, group g on the contiguous devices [g P/G, (g+1) P/G) - a
-"node" - so the group-limited gate's `topk_group` caps the nodes a token reaches
+"node" - so the group-limited router's `topk_group` caps the nodes a token reaches
 (`nodes_per_token`). Expert counts leave the shard_map sharded over the batch, so every sum of
 them (the bias update's load) is over the whole mesh, not one shard.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import math
-from collections.abc import Iterator, Mapping
-from typing import Literal, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,22 +38,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.gate import Routing
-from deepseek_jax.sharding.logical import MeshAxes, current_rules
+from deepseek_jax.moe.dispatch import capacity_slots
+from deepseek_jax.moe.experts import swiglu_grouped
+from deepseek_jax.moe.router import Routing
+from deepseek_jax.sharding.logical import MeshAxes
+from deepseek_jax.sharding.parallel import ParallelConfig, flat_axes
 
-Exchange = Literal["ragged", "ragged_emulated", "capacity"]
 _PROTECT = 2.0  # added to a never-dropped token's affinity (affinities lie in [0, 1])
-EP_IMPLS = ("ep", "ep_ragged", "ep_ragged_emulated", "ep_capacity")
-_RAGGED_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
-_EXCHANGE: contextvars.ContextVar[tuple[Exchange, float | None] | None] = contextvars.ContextVar(
-    "deepseek_jax_ep_exchange", default=None
-)
-
-
-def _flat(axes: MeshAxes) -> tuple[str, ...]:
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
+_flat = flat_axes
 
 
 def _axis_arg(axes: tuple[str, ...]) -> str | tuple[str, ...]:
@@ -115,61 +105,6 @@ def ep_layout(mesh_shape: Mapping[str, int], rules: Mapping[str, MeshAxes]) -> E
         batch_shards=math.prod(mesh_shape[a] for a in batch),
         ep_size=math.prod(mesh_shape[a] for a in experts),
     )
-
-
-def _context() -> tuple[Mapping[str, MeshAxes], dict[str, int]] | None:
-    rules = current_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if rules is None or mesh.empty:
-        return None
-    return rules, dict(mesh.shape)
-
-
-def ep_active() -> bool:
-    """True under `use_rules` and a context mesh that splits the tokens or experts."""
-    ctx = _context()
-    if ctx is None:
-        return False
-    layout = ep_layout(ctx[1], ctx[0])
-    return layout.batch_shards > 1 or layout.ep_size > 1
-
-
-@contextlib.contextmanager
-def use_exchange(exchange: Exchange, *, buffer_factor: float | None = None) -> Iterator[None]:
-    """Overrides the exchange of impl='ep' (e.g. 'ragged' to plan a GPU run on CPU).
-
-    Args:
-      exchange: 'ragged' | 'ragged_emulated' | 'capacity'.
-      buffer_factor: receive rows of the ragged paths as a multiple of the mean load M_l K
-        (see `ragged_buffer_rows`); None keeps the worst case, which never drops.
-    """
-    if exchange not in ("ragged", "ragged_emulated", "capacity"):
-        raise ValueError(f"exchange={exchange!r}: allowed ragged, ragged_emulated, capacity")
-    if buffer_factor is not None and buffer_factor <= 0:
-        raise ValueError(f"buffer_factor={buffer_factor} must be positive or None")
-    token = _EXCHANGE.set((exchange, buffer_factor))
-    try:
-        yield
-    finally:
-        _EXCHANGE.reset(token)
-
-
-def default_exchange(cfg: ModelConfig, backend: str | None = None) -> Exchange:
-    """The exchange of impl='ep': `use_exchange`'s if set; `capacity` when cfg.moe_impl is
-    'capacity'; else dropless, the real ragged all-to-all where the backend has it (GPU/TPU)."""
-    if _EXCHANGE.get() is not None:
-        return _EXCHANGE.get()[0]
-    if cfg.moe_impl == "capacity":
-        return "capacity"
-    backend = jax.default_backend() if backend is None else backend
-    return "ragged" if backend in _RAGGED_BACKENDS else "ragged_emulated"
-
-
-def exchange_for_impl(impl: str, cfg: ModelConfig) -> Exchange:
-    """Maps an MoE impl ('ep', 'ep_ragged', 'ep_ragged_emulated', 'ep_capacity') to an exchange."""
-    if impl not in EP_IMPLS:
-        raise ValueError(f"MoE impl={impl!r} is not expert-parallel; allowed: {EP_IMPLS}")
-    return default_exchange(cfg) if impl == "ep" else impl[3:]  # type: ignore[return-value]
 
 
 def check_node_alignment(cfg: ModelConfig, ep_size: int) -> int:
@@ -268,21 +203,22 @@ def ragged_buffer_rows(
     return min(worst, max(1, math.ceil(factor * tokens * cfg.num_experts_per_tok)))
 
 
-def global_expert_load(expert_counts: jax.Array) -> jax.Array:
+def global_expert_load(expert_counts: jax.Array, parallel: ParallelConfig) -> jax.Array:
     """[..., B, E] per-sequence counts -> [..., E] summed over the global batch, replicated.
 
     The counts leave the EP shard_map split over the batch axes, so this sum is an all-reduce
-    over the whole mesh; every replica then applies the same `gate.bias_update`.
+    over the whole mesh; every replica then applies the same `router.bias_update`.
     """
     load = expert_counts.sum(axis=-2)
-    if _context() is None:
-        return load
-    return jax.lax.with_sharding_constraint(load, P())
+    replicated = parallel.replicated()
+    return load if replicated is None else jax.lax.with_sharding_constraint(load, replicated)
 
 
 # ---- the per-device plans (pure functions of local data, tested on their own) ----------------
 def capacity_layout(dest: jax.Array, weights: jax.Array, n_dev: int, capacity: int):
     """Slots of a [P, C] send buffer for each assignment, by destination then priority.
+
+    The single-device capacity slotting (`dispatch.capacity_slots`) with devices for experts.
 
     Args:
       dest: [M, K] destination device of each (token, expert) assignment.
@@ -294,13 +230,9 @@ def capacity_layout(dest: jax.Array, weights: jax.Array, n_dev: int, capacity: i
        keep [M, K] whether each assignment got a slot).
     """
     M, K = dest.shape
-    flat_d = dest.reshape(-1)  # [M*K]
-    order = jnp.lexsort((-weights.reshape(-1), flat_d))
-    sorted_dest = flat_d[order]
-    counts = jnp.bincount(flat_d, length=n_dev)  # [P]
-    slot = jnp.arange(M * K) - (jnp.cumsum(counts) - counts)[sorted_dest]
-    keep_sorted = slot < capacity
-    slot = jnp.where(keep_sorted, slot, capacity)  # out of range: the scatters drop it
+    order, sorted_dest, slot, keep_sorted = capacity_slots(
+        dest.reshape(-1), weights.reshape(-1), n_dev, capacity
+    )
     keep = jnp.zeros((M * K,), bool).at[order].set(keep_sorted).reshape(M, K)
     return order, sorted_dest, slot, keep
 
@@ -413,15 +345,11 @@ def _local_experts(xs, local_ids, w_gate, w_up, w_down, *, axes=(), fp8: bool = 
 
     `axes`: the shard_map's manual axes (see `_varying_over`).
     """
-    from deepseek_jax.moe import grouped_matmul  # moe imports this module; import at use
-
     E_l = w_gate.shape[0]
     order = jnp.argsort(local_ids, stable=True)
     sizes = jnp.bincount(local_ids, length=E_l + 1)[:E_l].astype(jnp.int32)  # empties last
     xs_sorted, w_gate, w_up, w_down = _varying_over(axes, xs[order], w_gate, w_up, w_down)
-    h = jax.nn.silu(grouped_matmul(xs_sorted, w_gate, sizes, fp8))
-    h = h * grouped_matmul(xs_sorted, w_up, sizes, fp8)  # [N, F] (rows past the groups are 0)
-    ys = grouped_matmul(h, w_down, sizes, fp8)  # [N, D]
+    ys = swiglu_grouped(xs_sorted, w_gate, w_up, w_down, sizes, fp8)  # [N, D]; empties 0
     return jnp.zeros_like(ys).at[order].set(ys)
 
 
@@ -520,14 +448,26 @@ def _gather(w, axes, dim):
 
 
 def _ep_body(
-    gate_w, gate_rest, x, klass, w_gate, w_up, w_down, *, gate_def, cfg, layout, exchange, sizes
+    router_w,
+    router_rest,
+    x,
+    klass,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    router_def,
+    cfg,
+    layout,
+    exchange,
+    sizes,
 ):
     """One device's routed experts: x [B_l, T, D] -> (routed, routing, dropped count)."""
     B_l, T, D = x.shape
     xf = x.reshape(B_l * T, D)  # [M_l, D]
     D_ax = layout.embed_axes
-    gate_w = jax.tree.map(lambda w: _gather(w, D_ax, 0), gate_w)  # [D, E]
-    r = nnx.merge(gate_def, gate_w, gate_rest)(xf)  # the gate runs on local tokens, in fp32
+    router_w = jax.tree.map(lambda w: _gather(w, D_ax, 0), router_w)  # [D, E]
+    r = nnx.merge(router_def, router_w, router_rest)(xf)  # the router runs on local tokens, in fp32
     xc = xf.astype(cfg.compute_dtype)
     ws = (_gather(w_gate, D_ax, 1), _gather(w_up, D_ax, 1), _gather(w_down, D_ax, 2))
     if exchange == "capacity":
@@ -547,18 +487,18 @@ def _ep_body(
 
 
 def expert_parallel_routed(
-    gate: nnx.Module,
+    router: nnx.Module,
     x: jax.Array,
     w_gate: jax.Array,
     w_up: jax.Array,
     w_down: jax.Array,
     cfg: ModelConfig,
     *,
-    exchange: Exchange,
+    parallel: ParallelConfig,
     buffer_rows: int | None = None,
     token_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, Routing, jax.Array]:
-    """Routes and runs the routed experts under `jax.shard_map` on the context mesh.
+    """Routes and runs the routed experts under `jax.shard_map` on `parallel.mesh`.
 
     Communication plan (scaling-book notation; X = the batch axes, E over `expert` with P
     devices, F over the `expert_mlp` axes Y when set, M_l = B_l T local tokens):
@@ -581,26 +521,28 @@ def expert_parallel_routed(
     an all-gather of the [E] int32 counts (the real collective sends (P-1)/P of it off-device).
 
     Args:
-      gate: the MoE's Gate module (split and merged inside the shard_map).
+      router: the MoE's Router module (split and merged inside the shard_map).
       x: [B, T, D] tokens, split over the batch axes.
       w_gate, w_up: [E, D, F]; w_down: [E, F, D] in the compute dtype.
       cfg: model config (sizes, capacity_factor, compute dtype).
-      exchange: 'ragged' | 'ragged_emulated' | 'capacity'.
-      buffer_rows: receive rows of the ragged path (default `ragged_buffer_rows`, dropless).
+      parallel: the mesh, rules and exchange ('ragged' | 'ragged_emulated' | 'capacity'; its
+        buffer_factor sizes the ragged receive buffer).
+      buffer_rows: receive rows of the ragged path (default `ragged_buffer_rows` with
+        parallel.buffer_factor).
       token_mask: [B, T] bool, False on padding: the capacity exchange never sends padding, so
         it takes no device budget; None = no padding.
     Returns:
       (routed [B, T, D], Routing with weights/experts [B*T, K] and scores [B*T, E],
        dropped fraction [] of the real (token, expert) assignments).
     """
-    ctx = _context()
-    if ctx is None:
+    exchange = parallel.exchange
+    if exchange not in ("ragged", "ragged_emulated", "capacity"):
         raise ValueError(
-            "expert-parallel MoE needs active sharding rules (sharding.logical.use_rules) and a "
-            "context mesh (jax.set_mesh or jax.sharding.use_abstract_mesh)"
+            f"ParallelConfig.exchange={exchange!r}: expert parallelism needs ragged, "
+            "ragged_emulated or capacity"
         )
-    rules, mesh_shape = ctx
-    layout = ep_layout(mesh_shape, rules)
+    mesh_shape = parallel.mesh_shape
+    layout = ep_layout(mesh_shape, parallel.rules_dict)
     B, T, D = x.shape
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     if B % layout.batch_shards:
@@ -613,8 +555,6 @@ def expert_parallel_routed(
             f"ModelConfig.n_routed_experts={E} is not divisible by the expert axes "
             f"{layout.expert_axes} (total size {layout.ep_size})"
         )
-    if exchange not in ("ragged", "ragged_emulated", "capacity"):
-        raise ValueError(f"exchange={exchange!r}: allowed ragged, ragged_emulated, capacity")
     tokens = B // layout.batch_shards * T
     mask = jnp.ones((B, T), bool) if token_mask is None else token_mask.astype(bool)
     protect = protected_sequences(B, cfg.never_drop_share)  # [B] (V2 Sec. 2.3)
@@ -624,24 +564,24 @@ def expert_parallel_routed(
         most = max(int(protect[i : i + B_l].sum()) for i in range(0, B, B_l)) * T
         sizes = capacity_sizes(tokens, cfg, layout.ep_size, most)
     else:
-        factor = None if _EXCHANGE.get() is None else _EXCHANGE.get()[1]
+        factor = parallel.buffer_factor
         sizes = buffer_rows or ragged_buffer_rows(tokens, cfg, layout.ep_size, factor)
-    gate_def, gate_w, gate_rest = nnx.split(gate, nnx.Param, ...)
+    router_def, router_w, router_rest = nnx.split(router, nnx.Param, ...)
     X = layout.batch_axes or None
     EX = layout.expert_axes or None
     F = layout.ffn_axes or None
     D_ax = layout.embed_axes or None
-    gate_spec = jax.tree.map(lambda _: P(D_ax, None), gate_w)  # router e_i: [D, E]
+    router_spec = jax.tree.map(lambda _: P(D_ax, None), router_w)  # router e_i: [D, E]
     body = functools.partial(
-        _ep_body, gate_def=gate_def, cfg=cfg, layout=layout, exchange=exchange, sizes=sizes
+        _ep_body, router_def=router_def, cfg=cfg, layout=layout, exchange=exchange, sizes=sizes
     )
     out_routing = Routing(P(X), P(X), P(X))
     routed, r, dropped = jax.shard_map(
         body,
-        mesh=jax.sharding.get_abstract_mesh(),
-        in_specs=(gate_spec, P(), P(X), P(X), P(EX, D_ax, F), P(EX, D_ax, F), P(EX, F, D_ax)),
+        mesh=parallel.mesh,
+        in_specs=(router_spec, P(), P(X), P(X), P(EX, D_ax, F), P(EX, D_ax, F), P(EX, F, D_ax)),
         out_specs=(P(X), out_routing, P()),
-    )(gate_w, gate_rest, x, klass, w_gate, w_up, w_down)
+    )(router_w, router_rest, x, klass, w_gate, w_up, w_down)
     flat = Routing(*(a.reshape(B * T, -1) for a in r))  # [M, K], [M, K], [M, E]
     real = jnp.maximum(mask.sum() * K, 1).astype(jnp.float32)  # padding is never routed
     return routed, flat, dropped.astype(jnp.float32) / real

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax.config import load_preset
-from deepseek_jax.gate import bias_update, route
+from deepseek_jax.moe.router import bias_update, route
 
 
 def numpy_route(logits, bias, cfg):
