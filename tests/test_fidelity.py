@@ -1,6 +1,8 @@
 """Fidelity to the DeepSeek reports (issue 11): FP8 on the capacity path, dropping by raw
 affinity, V2 `seq_aux` balance losses, padding rows, FP32 weight gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -253,3 +255,37 @@ def test_routed_expert_weight_gradient_is_fp32_on_the_grouped_and_capacity_paths
     assert_close(dw, expect, jnp.float32)
     dw16 = jax.grad(lambda w: f(w.astype(jnp.bfloat16).astype(jnp.float32)))(w)
     assert np.abs(np.asarray(dw16) - expect).max() > 10 * np.abs(np.asarray(dw) - expect).max()
+
+
+@pytest.mark.parametrize("algorithm", ["dropless", "capacity"])
+def test_moe_layer_weight_gradients_are_not_rounded_to_bf16(algorithm):
+    """Wired through the MoE layer under BF16 compute with FP32 master weights: every routed
+    expert's weight gradient keeps FP32 bits (a BF16-rounded gradient equals its own BF16 cast
+    everywhere). Dropless runs both its CPU (blocked) and its grouped (ragged_dot) products."""
+    from flax import nnx
+
+    from deepseek_jax.moe import dispatch
+
+    cfg = load_preset("v3-tiny").replace(
+        dtype="bfloat16", param_dtype="float32", moe_impl=algorithm, capacity_factor=2.0
+    )
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 16, cfg.hidden_size), jnp.bfloat16)
+    gmms = ["blocked", "grouped"] if algorithm == "dropless" else [None]
+    for gmm in gmms:
+        with pytest.MonkeyPatch.context() as mp:
+            if gmm is not None:
+                mp.setattr(
+                    "deepseek_jax.moe.layer.routed_dropless",
+                    functools.partial(dispatch.routed_dropless, gmm=gmm),
+                )
+
+            def loss(m):
+                return (m(x)[0].astype(jnp.float32) ** 2).sum()
+
+            grads = nnx.grad(loss)(moe)
+        for name in ("w_gate", "w_up", "w_down"):
+            g = np.asarray(getattr(grads, name)[...])
+            assert g.dtype == np.float32
+            rounded = np.asarray(jnp.asarray(g).astype(jnp.bfloat16).astype(jnp.float32))
+            assert (g != rounded).mean() > 0.5, (gmm, name)

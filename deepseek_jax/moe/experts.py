@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import fp8_weights
+from deepseek_jax.kernels.expert_matmul import expert_matmul
 from deepseek_jax.kernels.grouped_matmul import grouped_matmul as kernel_grouped_matmul
 from deepseek_jax.kernels.grouped_matmul import grouped_matmul_fp8
 
@@ -49,6 +50,6 @@ def swiglu_buffers(buf: jax.Array, w_gate, w_up, w_down, fp8: bool = False) -> j
         return swiglu_grouped(buf.reshape(E * C, D), w_gate, w_up, w_down, sizes, True).reshape(
             E, C, -1
         )
-    h = jnp.einsum("ecd,edf->ecf", buf, w_gate)
-    h = jax.nn.silu(h) * jnp.einsum("ecd,edf->ecf", buf, w_up)  # [E, C, F]
-    return jnp.einsum("ecf,efd->ecd", h, w_down)  # [E, C, D]
+    # `expert_matmul` takes weights in buf.dtype or FP32 master weights (then FP32 dW)
+    h = jax.nn.silu(expert_matmul(buf, w_gate)) * expert_matmul(buf, w_up)  # [E, C, F]
+    return expert_matmul(h, w_down)  # [E, C, D]

@@ -89,6 +89,8 @@ class MoE(nnx.Module):
                     "MoE: FP8 serving weights run only with moe_impl='dropless' and "
                     f"ParallelConfig.exchange='none', got exchange={parallel.exchange!r}"
                 )
+            # Cast before the exchange: under FSDP the gathered weights are then compute-dtype
+            # bytes, and the expert-parallel weight gradients come back in that dtype.
             ws = [w[...].astype(cfg.compute_dtype) for w in (self.w_gate, self.w_up, self.w_down)]
             routed, r, dropped = expert_parallel.expert_parallel_routed(
                 self.router, x, *ws, cfg, parallel=parallel, token_mask=token_mask
@@ -104,8 +106,10 @@ class MoE(nnx.Module):
         if stored_fp8:  # the grouped FP8 GEMM consumes the stored blocks (fp8_weights.py)
             if impl != "dropless":
                 raise ValueError(f"MoE: FP8 serving weights need moe_impl='dropless', got {impl!r}")
-        elif impl != "dropless":  # routed_dropless casts itself; its CPU path keeps FP32 dW
+        elif impl == "reference" or cfg.fp8:
             ws = tuple(w.astype(dt) for w in ws)
+        # Otherwise the dropless and capacity products take the FP32 master weights, cast them
+        # per product and return FP32 weight gradients (V3 Sec. 3.3.3).
         dropped = jnp.zeros((), jnp.float32)
         if impl == "dropless":
             routed = routed_dropless(xc, r, *ws, fp8=cfg.fp8)
