@@ -44,7 +44,7 @@ from deepseek_jax.moe import expert_parallel
 from deepseek_jax.params import count_params
 from deepseek_jax.sharding.mesh import AXES, MeshConfig, abstract_mesh
 from deepseek_jax.sharding.parallel import Exchange, ParallelConfig, splits_tokens_or_experts
-from deepseek_jax.sharding.rules import batch_sharding, get_rules
+from deepseek_jax.sharding.rules import DEFAULT_RULES, batch_sharding, get_rules
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import RunShapes, make_train_step
 
@@ -516,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> Plan | scaling.Recommendation:
         metavar="C",
         help="print DeepSeek LLM's scaling-law recommendation for compute C (FLOPs) and exit",
     )
-    parser.add_argument("--rules", default="fsdp_ep", help="sharding rules preset")
+    parser.add_argument("--rules", default=DEFAULT_RULES, help="sharding rules preset")
     parser.add_argument("--batch", type=int, default=None, help="global sequences per step")
     parser.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
     parser.add_argument("--exchange", default="ragged", choices=["ragged", "capacity"])

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.hf.safetensors_io import FLOAT_CODES, CheckpointError, TensorInfo
-from deepseek_jax.sharding.rules import RULE_PRESETS, spec_for
+from deepseek_jax.sharding.rules import DEFAULT_RULES, RULE_PRESETS, spec_for
 
 Path = tuple[str, ...]
 
@@ -318,8 +318,8 @@ def split_fused_experts(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]
 
 
 # ---- our parameters on a mesh ----------------------------------------------------------------
-# Used when a mesh is given without rules: the project's FSDP + EP + TP preset.
-DEFAULT_PARAM_RULES = RULE_PRESETS["fsdp_ep_tp"]
+# Used when a mesh is given without rules: the project's one default (sharding.rules).
+DEFAULT_PARAM_RULES = RULE_PRESETS[DEFAULT_RULES]
 
 
 def partition_spec(

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
+from deepseek_jax.sharding.rules import DEFAULT_RULES
+
 AXES = ("data", "fsdp", "expert", "tensor", "stage")
 
 
@@ -42,7 +44,7 @@ class MeshConfig:
     expert: int = 1
     tensor: int = 1
     stage: int = 1
-    rules: str = "fsdp"  # a preset of sharding.rules.RULE_PRESETS
+    rules: str = DEFAULT_RULES  # a preset of sharding.rules.RULE_PRESETS
 
     def __post_init__(self):
         from deepseek_jax.sharding.rules import RULE_PRESETS
@@ -64,7 +66,7 @@ class MeshConfig:
         return tuple(getattr(self, a) for a in AXES)
 
     @classmethod
-    def from_string(cls, text: str, rules: str = "fsdp") -> MeshConfig:
+    def from_string(cls, text: str, rules: str = DEFAULT_RULES) -> MeshConfig:
         """Parses 'expert=64,fsdp=32' (unnamed axes default to 1; one size may be -1)."""
         return cls(**{**dict.fromkeys(AXES, 1), **parse_mesh(text)}, rules=rules)
 

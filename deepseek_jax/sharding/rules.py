@@ -26,6 +26,10 @@ _BATCH = ("data", "fsdp", "expert")
 # single logical axis can take `fsdp` there without colliding with `embed` in wq_a / wkv_a / wo.
 FSDP_FALLBACK = "fsdp_fallback"
 
+# The one default, wherever a mesh comes without rules: training (MeshConfig), loading and
+# conversion (hf/), the planner. On a mesh whose expert and tensor axes are 1 it is plain FSDP.
+DEFAULT_RULES = "fsdp_ep_tp"
+
 RULE_PRESETS: dict[str, dict[str, MeshAxes]] = {
     # Pure data parallelism: parameters replicated.
     "dp": {"batch": _BATCH},
