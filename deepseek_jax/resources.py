@@ -34,3 +34,15 @@ def preset_dir() -> Path:
 def asset_dir() -> Path:
     """The folder of the shipped tokenizer and corpus (data/ in the repository)."""
     return _package_dir(ASSETS_PACKAGE)
+
+
+def data_path(path: str) -> str:
+    """`path` as given when it exists; else a repository-relative `data/...` path (the shipped
+    run configs name e.g. `data/post/sft_arith.jsonl`) read from the installed package data, so
+    those configs also run from a wheel outside a checkout. Anything else is returned unchanged
+    (its reader then names the missing file)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute() or p.parts[:1] != ("data",):
+        return path
+    shipped = asset_dir().joinpath(*p.parts[1:])
+    return str(shipped) if shipped.exists() else path

@@ -42,10 +42,22 @@ def test_wheel_ships_presets_tokenizer_and_corpus(wheel_names):
     assert presets and all(f"deepseek_jax/presets/{p}" in names for p in presets)
     for asset in ("tokenizer.json", "pydoc_train.jsonl", "pydoc_valid.jsonl", "LICENSE-PSF.txt"):
         assert f"deepseek_jax/assets/{asset}" in names
+    # the post-training data the shipped SFT / DPO / GRPO configs name
+    post = sorted(os.listdir(os.path.join(ROOT, "data", "post")))
+    assert post and all(f"deepseek_jax/assets/post/{f}" in names for f in post)
     # The kernels and sharding subpackages, and no top-level `kernels` / `sharding` (PyPI names).
     assert "deepseek_jax/kernels/__init__.py" in names
     assert "deepseek_jax/sharding/__init__.py" in names
     assert not any(n.startswith(("kernels/", "sharding/", "configs/", "data/")) for n in names)
+    # every module of the checkout's package (a subpackage missing from pyproject's list is not)
+    pkg = os.path.join(ROOT, "deepseek_jax")
+    modules = {
+        os.path.relpath(os.path.join(d, f), ROOT).replace(os.sep, "/")
+        for d, _, files in os.walk(pkg)
+        for f in files
+        if f.endswith(".py")
+    }
+    assert modules and not modules - names, sorted(modules - names)
 
 
 def test_wheel_declares_the_command(wheel_names):
@@ -63,3 +75,15 @@ def test_cli_dispatch_and_errors(capsys, monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "generate", ("deepseek_jax.no_such_tool", "x"))
     with pytest.raises(SystemExit, match="has no deepseek_jax.no_such_tool module"):
         cli.main(["generate"])
+
+
+def test_shipped_data_paths_resolve_outside_a_checkout(tmp_path, monkeypatch):
+    from deepseek_jax.resources import asset_dir, data_path
+
+    monkeypatch.chdir(tmp_path)  # no data/ folder here
+    got = data_path("data/post/sft_arith.jsonl")
+    assert os.path.isfile(got) and got.startswith(str(asset_dir()))
+    assert data_path("data/post/nope.jsonl") == "data/post/nope.jsonl"  # the reader names it
+    (tmp_path / "data" / "post").mkdir(parents=True)
+    (tmp_path / "data" / "post" / "sft_arith.jsonl").write_text("{}\n")
+    assert data_path("data/post/sft_arith.jsonl") == "data/post/sft_arith.jsonl"  # user's first

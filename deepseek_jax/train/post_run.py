@@ -45,6 +45,7 @@ from deepseek_jax.data.chat import (
 )
 from deepseek_jax.data.rollouts import rollout_batch
 from deepseek_jax.inference.engine import generate
+from deepseek_jax.resources import data_path
 from deepseek_jax.rewards import RewardFn, accuracy_reward, format_reward, score
 from deepseek_jax.rl import group_advantages
 from deepseek_jax.sharding.mesh import make_mesh
@@ -181,7 +182,7 @@ class RowStream:
 
 
 def sft_rows(cfg: RunConfig, template) -> dict[str, np.ndarray]:
-    examples = load_sft(cfg.post.data, template, seq_len=cfg.data.seq_len)
+    examples = load_sft(data_path(cfg.post.data), template, seq_len=cfg.data.seq_len)
     if cfg.post.pack:
         return pack_examples(examples, seq_len=cfg.data.seq_len, pad_id=template.pad_id)
     return _pad_rows(examples, cfg.data.seq_len, template.pad_id)
@@ -317,12 +318,12 @@ class Task:
         if task == "sft":
             self.stream = RowStream(sft_rows(cfg, self.template), B, seed=seed, shuffle=True)
         elif task == "dpo":
-            pairs = load_dpo(cfg.post.data, self.template, seq_len=cfg.data.seq_len)
+            pairs = load_dpo(data_path(cfg.post.data), self.template, seq_len=cfg.data.seq_len)
             self.stream = RowStream(pairs, B, seed=seed, shuffle=True)
             ref = functools.partial(dpo_reference, chunk_size=cfg.post.chunk_size)
             self.reference = Reference(graphdef, state, ref, self.parallel)
         else:
-            self.records = load_prompts(cfg.post.data, self.template)
+            self.records = load_prompts(data_path(cfg.post.data), self.template)
             index = {"record": np.arange(len(self.records))}
             self.stream = RowStream(index, B // cfg.post.group_size, seed=seed, shuffle=True)
             self.reward_fns, self.reward_weights = reward_functions(cfg.post, reward_fns)
