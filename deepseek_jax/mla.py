@@ -188,8 +188,14 @@ class MLA(nnx.Module):
         c_kv, k_rope = self._latents(x, cos, sin)
         kv = linear(c_kv, self.wkv_b[...], cfg)  # [B, S, N, nope + v]  (eq. 10-11)
         k_nope, v = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
-        scores = jnp.einsum("btnh,bsnh->bnts", q_nope, k_nope, preferred_element_type=jnp.float32)
-        scores += jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=jnp.float32)
+        # q_t,i = [q^C; q^R], k_j,i = [k^C_j,i; k^R_j] (eq. 16-17): one product over d_h + d_h^R
+        # (the shared k^R broadcast over heads), cheaper on CPU than two summed score tensors.
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [B, T, N, nope + R]
+        k_rope = jnp.broadcast_to(
+            k_rope[:, :, None], (*k_rope.shape[:2], q.shape[2], k_rope.shape[-1])
+        )
+        k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)  # [B, S, N, nope + R]
+        scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
         probs = self._softmax(scores, attention_mask(segment_ids, T)[:, None])  # [B, N, T, S]
         out = jnp.einsum("bnts,bsnv->btnv", probs.astype(v.dtype), v)  # [B, T, N, v]
         return linear(out, self.wo[...], cfg, in_dims=2)  # [B, T, D]
