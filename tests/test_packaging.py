@@ -63,3 +63,14 @@ def test_cli_dispatch_and_errors(capsys, monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "generate", ("deepseek_jax.no_such_tool", "x"))
     with pytest.raises(SystemExit, match="has no deepseek_jax.no_such_tool module"):
         cli.main(["generate"])
+
+
+def test_checkpoint_modules_import_in_any_order():
+    # restore <- hf.load, restore <- orbax_layout -> hf, pretrained -> both: importing the shared
+    # module first (a fresh interpreter) must not meet a half-initialised deepseek_jax.hf.
+    code = (
+        "import deepseek_jax.restore, deepseek_jax.orbax_layout, deepseek_jax.hf as hf\n"
+        "import deepseek_jax.pretrained as p\n"
+        "assert hf.load_pretrained is p.load_pretrained\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
