@@ -24,9 +24,9 @@ __all__ = [
 def load_pretrained(path, dtype=None, **kwargs):
     """Loads an HF checkpoint folder (BF16/FP32 or FP8) or an Orbax checkpoint of this project.
 
-    See `deepseek_jax.hf.load_pretrained` for the keyword arguments (mesh, rules, param_dtype,
-    weights="fp8" to serve an FP8 hub checkpoint with its weights kept in FP8).
+    See `deepseek_jax.pretrained.load_pretrained` for the keyword arguments (mesh, rules,
+    param_dtype, weights="fp8" to serve an FP8 hub checkpoint with its weights kept in FP8).
     """
-    from deepseek_jax.hf import load_pretrained as _load
+    from deepseek_jax.pretrained import load_pretrained as _load
 
     return _load(path, **kwargs) if dtype is None else _load(path, dtype=dtype, **kwargs)

@@ -49,16 +49,7 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.hf import safetensors_io as st
-from deepseek_jax.hf.load import (
-    LAYOUT_VERSION,
-    ORBAX_META_FILE,
-    abstract_state,
-    check_mtp_copies,
-    logical_axes,
-    open_hf,
-    open_orbax_arrays,
-    write_orbax_metadata,
-)
+from deepseek_jax.hf.load import check_mtp_copies, open_hf
 from deepseek_jax.hf.mapping import (
     DEFAULT_PARAM_RULES,
     ParamMap,
@@ -68,6 +59,14 @@ from deepseek_jax.hf.mapping import (
     parse_rules,
     partition_spec,
 )
+from deepseek_jax.orbax_layout import (
+    LAYOUT_VERSION,
+    ORBAX_META_FILE,
+    open_orbax_arrays,
+    read_orbax_config,
+    write_orbax_metadata,
+)
+from deepseek_jax.restore import abstract_state, logical_axes
 from deepseek_jax.sharding.mesh import parse_mesh
 
 _DTYPE_NAMES = {"bfloat16": st.DTYPES["BF16"], "float32": st.DTYPES["F32"]}
@@ -368,8 +367,6 @@ def orbax_to_hf(
     Returns:
       The absolute output path.
     """
-    from deepseek_jax.hf.load import read_orbax_config
-
     root = os.path.abspath(os.fspath(src))
     cfg = config or read_orbax_config(root)
     hf_config = None

@@ -87,3 +87,14 @@ def test_shipped_data_paths_resolve_outside_a_checkout(tmp_path, monkeypatch):
     (tmp_path / "data" / "post").mkdir(parents=True)
     (tmp_path / "data" / "post" / "sft_arith.jsonl").write_text("{}\n")
     assert data_path("data/post/sft_arith.jsonl") == "data/post/sft_arith.jsonl"  # user's first
+
+
+def test_checkpoint_modules_import_in_any_order():
+    # restore <- hf.load, restore <- orbax_layout -> hf, pretrained -> both: importing the shared
+    # module first (a fresh interpreter) must not meet a half-initialised deepseek_jax.hf.
+    code = (
+        "import deepseek_jax.restore, deepseek_jax.orbax_layout, deepseek_jax.hf as hf\n"
+        "import deepseek_jax.pretrained as p\n"
+        "assert hf.load_pretrained is p.load_pretrained\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -1,14 +1,16 @@
 """Hugging Face interop: hub safetensors checkpoints (BF16/FP32 and DeepSeek's block FP8) in and
 out, and the name/layout mapping between the hub and our stacked parameter tree.
 
-Conversion to and from Orbax lives in `deepseek_jax.convert` (`python -m deepseek_jax.convert`).
-Nothing here imports torch or transformers.
+Conversion to and from Orbax lives in `deepseek_jax.convert` (`python -m deepseek_jax.convert`),
+the Orbax layout in `deepseek_jax.orbax_layout`. Nothing here imports torch or transformers.
+`load_pretrained` (hub folder or Orbax checkpoint) lives in `deepseek_jax.pretrained` and is
+re-exported here on first use: that module imports this package, so importing it here would make
+a cycle.
 """
 
 from deepseek_jax.hf.load import (
     CheckpointWarning,
     HFSource,
-    load_pretrained,
     open_hf,
     read_hf_config,
 )
@@ -29,3 +31,11 @@ __all__ = [
     "param_maps",
     "read_hf_config",
 ]
+
+
+def __getattr__(name):
+    if name == "load_pretrained":
+        from deepseek_jax.pretrained import load_pretrained
+
+        return load_pretrained
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

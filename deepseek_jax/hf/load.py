@@ -1,4 +1,4 @@
-"""`load_pretrained`: a DeepSeek model from a hub checkpoint folder or our Orbax checkpoint.
+"""Loading a DeepSeek model from a hub checkpoint folder (`load_hf`).
 
 Hub folders: DeepSeek-V2/V3 (`deepseek_v2`, `deepseek_v3`) and DeepSeek LLM / DeepSeekMath, whose
 checkpoints are `LlamaForCausalLM` (`llama`: standard attention, dense FFN in every layer).
@@ -7,9 +7,8 @@ A hub folder is opened in two steps. `open_hf` reads config.json and every safet
 (cheap: a few KB per shard) and checks them against `mapping.param_maps(cfg)`: each missing,
 unexpected, wrongly shaped or wrongly typed tensor is reported with its name and file before a
 single weight is read. Then each parameter is assembled piece by piece (FP8 blocks dequantized
-on the CPU) and placed on its device(s). Orbax checkpoints (written by `deepseek_jax.convert`)
-are restored with orbax into the model's abstract state, optionally sharded over a mesh; the
-files of that layout (orbax's `_METADATA`, our `deepseek_jax.json`) are written and opened here.
+on the CPU) and placed on its device(s). Our Orbax checkpoints are read and written by
+`deepseek_jax.orbax_layout`; `deepseek_jax.pretrained.load_pretrained` picks between the two.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -25,25 +23,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
-from jax.sharding import Mesh, NamedSharding
+from flax import nnx
+from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.hf import fp8_params
 from deepseek_jax.hf import safetensors_io as st
 from deepseek_jax.hf.mapping import (
-    DEFAULT_PARAM_RULES,
     ParamMap,
     mtp_copies,
     mtp_layer_names,
     param_maps,
-    partition_spec,
     split_fused_experts,
 )
+from deepseek_jax.restore import _merge, _sharding_fn, _with_dtypes, abstract_state
 
 CONFIG_FILE = "config.json"
-ORBAX_META_FILE = "deepseek_jax.json"  # our config, written beside orbax's own files
-LAYOUT_VERSION = 1
 
 
 class CheckpointWarning(UserWarning):
@@ -246,55 +241,7 @@ def check_mtp_copies(src: HFSource, block_rows: int = 8192) -> list[str]:
     return differ
 
 
-def logical_axes(var) -> tuple[str | None, ...] | None:
-    """The logical axis names a parameter was created with (None for the routing bias)."""
-    return var.get_metadata().get("logical_axes")
-
-
 # ---- building the model --------------------------------------------------------------------------
-def _with_dtypes(cfg: ModelConfig, dtype, param_dtype) -> ModelConfig:
-    name = jnp.dtype(jnp.float32 if dtype is None else dtype).name
-    pname = jnp.dtype(param_dtype).name if param_dtype is not None else name
-    return cfg.replace(dtype=name, param_dtype=pname)
-
-
-def abstract_state(cfg: ModelConfig):
-    """(graphdef, state of ShapeDtypeStructs) of DeepSeekModel(cfg), with no memory allocated."""
-    from deepseek_jax.model import DeepSeekModel
-
-    abstract = nnx.eval_shape(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract)
-
-
-def _sharding_fn(mesh: Mesh | None, rules: Mapping[str, Any] | None):
-    if mesh is None:
-        device = jax.devices()[0]
-        return lambda path, var: jax.sharding.SingleDeviceSharding(device)
-    rules = DEFAULT_PARAM_RULES if rules is None else rules
-
-    def fn(path, var):
-        spec = partition_spec(logical_axes(var), var.shape, dict(mesh.shape), rules, path)
-        return NamedSharding(mesh, spec)
-
-    return fn
-
-
-def _merge(graphdef, state, values: dict[tuple[str, ...], Any], fp8=None):
-    """The model from `values` by path; `fp8` paths become Fp8Params (FP8 serving weights)."""
-    fp8 = fp8 or {}
-    paths = {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
-    given = set(values) | set(fp8)
-    if paths != given:
-        raise RuntimeError(
-            f"parameter maps do not cover the model: missing {sorted(paths - given)[:3]}, "
-            f"extra {sorted(given - paths)[:3]}"
-        )
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(values))
-    model = nnx.merge(graphdef, state)
-    fp8_params.install(model, fp8)
-    return model
-
-
 def load_hf(
     directory: str | os.PathLike,
     dtype=jnp.float32,
@@ -331,165 +278,3 @@ def load_hf(
         values[pm.path] = jax.make_array_from_callback(arr.shape, target, lambda i, a=arr: a[i])
         del arr
     return _merge(graphdef, state, values, fp8)
-
-
-def read_orbax_config(directory: str) -> ModelConfig:
-    path = os.path.join(directory, ORBAX_META_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{directory}: no {ORBAX_META_FILE}; pass config= for Orbax checkpoints not written "
-            "by deepseek_jax.convert"
-        )
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("layout_version") != LAYOUT_VERSION:
-        raise st.CheckpointError(
-            f"{path}: layout_version={meta.get('layout_version')!r}, this code reads "
-            f"{LAYOUT_VERSION}"
-        )
-    return ModelConfig.from_dict(meta["model_config"], source=path)
-
-
-# ---- the Orbax layout (see deepseek_jax.convert) --------------------------------------------
-def write_orbax_metadata(root: str, params, meta: dict[str, Any]) -> None:
-    """orbax's `_METADATA` (PyTree structure of zarr v2 arrays, no OCDBT) + our JSON."""
-    tree = {}
-    for path, shape in params:
-        tree[str(tuple(path))] = {
-            "key_metadata": [{"key": k, "key_type": 2} for k in path],  # 2 = dict key
-            "value_metadata": {
-                "value_type": "jax.Array",
-                "skip_deserialize": False,
-                "write_shape": list(shape),
-            },
-        }
-    orbax_meta = {
-        "tree_metadata": tree,
-        "use_ocdbt": False,
-        "use_zarr3": False,
-        "store_array_data_equal_to_fill_value": True,
-        "custom_metadata": None,
-    }
-    now = time.time_ns()
-    step_meta = {
-        "item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler."
-        "PyTreeCheckpointHandler",
-        "metrics": {},
-        "performance_metrics": {},
-        "init_timestamp_nsecs": now,
-        "commit_timestamp_nsecs": now,
-        "custom_metadata": {},
-    }
-    for name, content in (
-        (ORBAX_META_FILE, meta),
-        ("_METADATA", orbax_meta),
-        ("_CHECKPOINT_METADATA", step_meta),
-    ):
-        with open(os.path.join(root, name), "w") as f:
-            json.dump(content, f, indent=1)
-
-
-def open_orbax_arrays(root: str, maps: list[ParamMap]):
-    """Opens each parameter's array of an Orbax PyTree checkpoint (ours or orbax's own, OCDBT or
-    not) with tensorstore, checking presence and shape."""
-    import tensorstore as ts
-
-    meta_path = os.path.join(root, "_METADATA")
-    if not os.path.isfile(meta_path):
-        raise st.CheckpointError(f"{root}: no _METADATA (not an Orbax PyTree checkpoint)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-    stores = {}
-    for pm in maps:
-        if meta.get("use_ocdbt"):
-            kv = {"driver": "ocdbt", "base": {"driver": "file", "path": root}, "path": pm.name}
-        else:
-            kv = {"driver": "file", "path": os.path.join(root, pm.name)}
-        if str(pm.path) not in meta["tree_metadata"]:
-            raise st.CheckpointError(f"{root}: parameter {pm.name!r} is missing")
-        # A missing chunk file (an interrupted copy) must fail the read, not read as zeros.
-        spec = {"driver": driver, "kvstore": kv, "open": True, "fill_missing_data_reads": False}
-        store = ts.open(spec, read=True).result()
-        if tuple(store.shape) != pm.shape:
-            raise st.CheckpointError(
-                f"{root}: parameter {pm.name!r} has shape {list(store.shape)}, expected "
-                f"{list(pm.shape)}"
-            )
-        stores[pm.path] = store
-    return stores
-
-
-def load_orbax(
-    directory: str | os.PathLike,
-    dtype=jnp.float32,
-    *,
-    param_dtype=None,
-    mesh: Mesh | None = None,
-    rules: Mapping[str, Any] | None = None,
-    config: ModelConfig | None = None,
-):
-    """Restores our Orbax checkpoint (a PyTree of the model's NNX state) into a DeepSeekModel.
-
-    Arrays are restored straight into their target sharding (each device reads its part).
-    """
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.fspath(directory))
-    cfg = _with_dtypes(config or read_orbax_config(directory), dtype, param_dtype)
-    graphdef, state = abstract_state(cfg)
-    sharding = _sharding_fn(mesh, rules)
-    target = {}
-    for path, var in nnx.to_flat_state(state):
-        path = tuple(str(p) for p in path)
-        target[path] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(path, var))
-    restored = ocp.StandardCheckpointer().restore(directory, traverse_util.unflatten_dict(target))
-    return _merge(graphdef, state, traverse_util.flatten_dict(restored))
-
-
-def is_orbax_checkpoint(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, "_METADATA"))
-
-
-def load_pretrained(
-    path: str | os.PathLike,
-    dtype=jnp.float32,
-    *,
-    param_dtype=None,
-    mesh: Mesh | None = None,
-    rules: Mapping[str, Any] | None = None,
-    config: ModelConfig | None = None,
-    weights: str = "dense",
-):
-    """Loads a DeepSeek-V2/V2-Lite/V3/R1, DeepSeek LLM or DeepSeekMath model.
-
-    Args:
-      path: a hub checkpoint folder (config.json + model.safetensors, or shards with
-        model.safetensors.index.json; BF16/FP32, or FP8 with `weight_scale_inv`), or an Orbax
-        checkpoint written by `python -m deepseek_jax.convert hf-to-orbax`.
-      dtype: compute dtype (jnp.float32 or jnp.bfloat16).
-      param_dtype: dtype of the weights in memory (default: `dtype`); the routing selection
-        bias always stays float32.
-      mesh: shard the weights over this mesh (default: all on the first device).
-      rules: logical axis -> mesh axes for the weights (default DEFAULT_PARAM_RULES).
-      config: the ModelConfig of an Orbax checkpoint that lacks our deepseek_jax.json.
-      weights: "dense" (default), "fp8" (serve a hub FP8 checkpoint's linear weights as stored,
-        E4M3 + block scales, through the FP8 kernels) or "quantize_fp8" (also quantize BF16/FP32
-        linear weights on load); see deepseek_jax/hf/fp8_params.py.
-    Returns:
-      A `DeepSeekModel` holding the checkpoint's weights.
-    """
-    path = os.fspath(path)
-    fp8_params.check_mode(weights)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder not found: {path}")
-    if is_orbax_checkpoint(path):
-        if weights != "dense":
-            raise ValueError(
-                f"load_pretrained: {weights=} needs a hub checkpoint folder; {path} is an Orbax "
-                "checkpoint (its weights are dense)"
-            )
-        return load_orbax(
-            path, dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, config=config
-        )
-    return load_hf(path, dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, weights=weights)

@@ -72,7 +72,7 @@ def load_for_generation(path: str | os.PathLike, dtype=jnp.float32):
     if is_run_dir(path):
         model, tokenizer, _ = load_run(path)
         return model, tokenizer, None
-    from deepseek_jax.hf import load_pretrained
+    from deepseek_jax.pretrained import load_pretrained
 
     model = load_pretrained(str(path), dtype=dtype)
     tokenizer = (

@@ -87,7 +87,7 @@ def load_init(path: str):
         raise FileNotFoundError(f"train.init_from={path!r} is not a folder")
     if is_run_dir(path):
         return load_run(path)[0]
-    from deepseek_jax.hf import load_pretrained
+    from deepseek_jax.pretrained import load_pretrained
 
     return load_pretrained(path, dtype=jnp.float32)
 
