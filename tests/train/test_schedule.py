@@ -146,6 +146,7 @@ def test_training_follows_the_ramp_end_to_end(tmp_path):
         "model.preset=v3-tiny",
         "model.num_hidden_layers=2",
         "model.vocab_size=264",
+        "model.num_nextn_predict_layers=0",
         "model.remat=none",
         "data.tokenizer=null",
         "data.seq_len=16",
