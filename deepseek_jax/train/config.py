@@ -448,7 +448,10 @@ def _field_hints(cls: type) -> dict[str, Any]:
 
 def _read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"run config file not found: {path}")
+        raise FileNotFoundError(
+            f"run config file not found: {path} (a bare name such as train-sft-small is looked "
+            f"up among the shipped run configs in {PRESET_DIR})"
+        )
     with open(path) as f:
         try:
             raw = yaml.safe_load(f) or {}
@@ -528,7 +531,8 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
     """Reads a run config YAML (default configs/train-v3-small.yaml) and applies overrides.
 
     Args:
-      path: YAML file with sections model, loss, data, mesh, train, checkpoint, dist.
+      path: YAML file with sections model, loss, data, mesh, train, checkpoint, dist, or the
+        name of a shipped run config (`train-sft-small`, from the package's presets).
       overrides: `section.field=value` strings, applied in order after the file.
     Returns:
       The validated RunConfig.
@@ -537,6 +541,9 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
       FileNotFoundError: the YAML file or a model preset is missing.
     """
     path = DEFAULT_RUN_CONFIG if path is None else os.fspath(path)
+    shipped = os.path.join(PRESET_DIR, path if path.endswith(".yaml") else path + ".yaml")
+    if not os.path.isfile(path) and os.sep not in path and os.path.isfile(shipped):
+        path = shipped  # a shipped run config by name, e.g. `--config train-sft-small`
     raw = _read_yaml(path)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:

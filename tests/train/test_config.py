@@ -97,3 +97,11 @@ def test_train_config_validation():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="step_factors"):
         TrainConfig(step_boundaries=(0.8,), step_factors=(0.3, 0.1))
+
+
+def test_a_shipped_run_config_loads_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here (as after `pip install deepseek-jax`)
+    cfg = load_run_config("train-sft-small")
+    assert cfg.train.task == "sft" and cfg == load_run_config("train-sft-small.yaml")
+    with pytest.raises(FileNotFoundError, match="train-nope.*shipped run configs"):
+        load_run_config("train-nope")
