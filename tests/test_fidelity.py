@@ -225,8 +225,8 @@ def test_routed_expert_weight_gradient_is_fp32_on_the_grouped_and_capacity_paths
     """The other two routed-expert products take FP32 master weights too: `grouped_matmul`
     (ragged_dot / the Pallas GPU kernel, custom VJP) and the capacity buffers' per-expert
     product. The product runs in BF16; dW is accumulated and returned in FP32."""
-    from deepseek_jax.kernels.expert_matmul import expert_matmul
     from deepseek_jax.kernels.grouped_matmul import grouped_matmul
+    from deepseek_jax.moe.experts import expert_products
 
     rng = np.random.default_rng(1)
     E, K, N, C = 4, 32, 16, 12
@@ -242,7 +242,7 @@ def test_routed_expert_weight_gradient_is_fp32_on_the_grouped_and_capacity_paths
     else:
         x = jnp.asarray(rng.normal(size=(E, C, K)), jnp.bfloat16)
         dy = jnp.asarray(rng.normal(size=(E, C, N)), jnp.bfloat16)
-        op = lambda w: expert_matmul(x, w)
+        op = lambda w: expert_products(x, w)
         expect = np.einsum("eck,ecn->ekn", np.asarray(x, np.float64), np.asarray(dy, np.float64))
 
     def f(w):

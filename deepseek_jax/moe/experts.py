@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import fp8_weights
-from deepseek_jax.kernels.expert_matmul import expert_matmul
 from deepseek_jax.kernels.grouped_matmul import grouped_matmul as kernel_grouped_matmul
 from deepseek_jax.kernels.grouped_matmul import grouped_matmul_fp8
+from deepseek_jax.layers import mixed_dot
 
 
 def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array, fp8: bool = False) -> jax.Array:
@@ -50,6 +50,14 @@ def swiglu_buffers(buf: jax.Array, w_gate, w_up, w_down, fp8: bool = False) -> j
         return swiglu_grouped(buf.reshape(E * C, D), w_gate, w_up, w_down, sizes, True).reshape(
             E, C, -1
         )
-    # `expert_matmul` takes weights in buf.dtype or FP32 master weights (then FP32 dW)
-    h = jax.nn.silu(expert_matmul(buf, w_gate)) * expert_matmul(buf, w_up)  # [E, C, F]
-    return expert_matmul(h, w_down)  # [E, C, D]
+    h = jax.nn.silu(expert_products(buf, w_gate)) * expert_products(buf, w_up)  # [E, C, F]
+    return expert_products(h, w_down)  # [E, C, D]
+
+
+def expert_products(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [E, C, K] @ w [E, K, N] -> [E, C, N] in x.dtype, one product per expert.
+
+    `layers.mixed_dot` per expert: w may be FP32 master weights under a lower-precision x; the
+    weight gradient then accumulates and stays in FP32 (V3 Sec. 3.3.3).
+    """
+    return jax.vmap(lambda xe, we: mixed_dot(xe, we, x.dtype))(x, w)
