@@ -1,0 +1,1 @@
+"""The cells of each notebook in notebooks/, by topic (written by scripts/make_notebooks.py)."""
