@@ -384,7 +384,7 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
     step, mark, pending, saved = start, None, None, start if restored is not None else -1
     counted, hosts = (0.0, 0.0), 1 if full_batch else jax.process_count()  # since `mark`
     unread: list[tuple[int, jax.Array]] = []  # (step, finite) not yet looked at on the host
-    shapes: set[tuple[int, ...]] = set()  # batch shapes compiled so far (one per ramp size)
+    batch_shapes: set[tuple[int, ...]] = set()  # compiled so far (one per ramp batch size)
     streak: list[int] = []  # the current run of consecutive skipped steps
 
     def check_skips(upto: int) -> None:
@@ -419,10 +419,10 @@ def _run(cfg, run_dir, ckpt_dir, on_step, allow_config_change) -> dict[str, Any]
                     a + b for a, b in zip(counted, real_tokens(local, hosts), strict=True)
                 )
                 shape = np.shape(local["input_ids"])
-                if mark is None or shape not in shapes:
+                if mark is None or shape not in batch_shapes:
                     # The first step, and the first of each new batch size (V3's batch ramp),
                     # include compilation: the throughput window restarts after them.
-                    shapes.add(shape)
+                    batch_shapes.add(shape)
                     jax.block_until_ready(metrics)
                     if pending is not None:
                         check_skips(step - 1)
