@@ -289,3 +289,45 @@ def test_moe_layer_weight_gradients_are_not_rounded_to_bf16(algorithm):
             assert g.dtype == np.float32
             rounded = np.asarray(jnp.asarray(g).astype(jnp.bfloat16).astype(jnp.float32))
             assert (g != rounded).mean() > 0.5, (gmm, name)
+
+
+@pytest.mark.parametrize("exchange", ["ragged_emulated", "capacity"])
+def test_expert_parallel_weight_gradients_are_fp32_with_bf16_gather(exchange):
+    """Under expert parallelism with FSDP-split D (4 expert x 2 fsdp devices), BF16 compute and
+    FP32 master weights: the FSDP gather of the routed experts sends BF16 bytes, their gradients
+    come back FP32 (reduce-scattered in FP32, never rounded to BF16) and equal the single-device
+    dropless gradients up to the BF16 products' noise."""
+    from deepseek_jax.plan import collectives_from_jaxpr
+    from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
+    from deepseek_jax.sharding.parallel import ONE_DEVICE, ParallelConfig
+    from deepseek_jax.sharding.rules import get_rules
+
+    cfg = load_preset("v3-tiny").replace(
+        dtype="bfloat16", param_dtype="float32", n_shared_experts=0, capacity_factor=8.0
+    )
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (8, 4, cfg.hidden_size), jnp.bfloat16)
+    mesh_cfg = MeshConfig(fsdp=2, expert=4, rules="fsdp_ep")
+    mesh = make_mesh(mesh_cfg)
+    parallel = ParallelConfig(mesh, get_rules(mesh_cfg.rules), exchange)
+
+    def loss(m, parallel):
+        return (m(x, parallel=parallel)[0].astype(jnp.float32) ** 2).sum()
+
+    grad = jax.jit(nnx.grad(loss), static_argnums=1)
+    g_ep, g_one = grad(moe, parallel), grad(moe, ONE_DEVICE)
+    E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    for name in ("w_gate", "w_up", "w_down"):
+        g, ref = (np.asarray(getattr(t, name)[...]) for t in (g_ep, g_one))
+        assert g.dtype == np.float32
+        rounded = np.asarray(jnp.asarray(g).astype(jnp.bfloat16).astype(jnp.float32))
+        assert (g != rounded).mean() > 0.5, name
+        assert np.abs(g - ref).max() < 0.05 * np.abs(ref).max(), name
+    if exchange != "capacity":  # the emulated ragged collective is made of all-gathers
+        return
+    traced = jax.jit(nnx.grad(loss), static_argnums=1).trace(moe, parallel)
+    coll = collectives_from_jaxpr(traced.jaxpr, dict(mesh.shape))
+    expert_shard = 3 * (E // 4) * (D // 2) * F  # elements of one device's three expert shards
+    router = (D // 2) * E * 4  # the FP32 router weight's shard
+    assert coll["all_gather"].operand_bytes == expert_shard * 2 + router  # BF16 on the wire
+    assert coll["reduce_scatter"].operand_bytes == (expert_shard * 2 * 4 + router * 2)

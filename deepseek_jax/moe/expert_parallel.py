@@ -442,9 +442,42 @@ def _local_dropless(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig):
     return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), jnp.zeros((), jnp.int32)
 
 
-def _gather(w, axes, dim):
-    """FSDP: all-gather a weight's D over `axes` (its transpose is a reduce-scatter)."""
-    return jax.lax.all_gather(w, _axis_arg(axes), axis=dim, tiled=True) if axes else w
+def _gather(w, axes, dim, dtype=None):
+    """FSDP: all-gather a weight's D over `axes` (its transpose is a reduce-scatter).
+
+    `dtype`: the bytes that cross the wire when lower than w's (the compute dtype under FP32
+    master weights); the gathered weight keeps w's dtype, see `_gather_as`.
+    """
+    if not axes:
+        return w
+    if dtype is None or jnp.dtype(dtype) == w.dtype:
+        return jax.lax.all_gather(w, _axis_arg(axes), axis=dim, tiled=True)
+    return _gather_as(w, axes, dim, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _gather_as(w, axes, dim, dtype):
+    """All-gather of an FP32 master shard sent as `dtype` bytes; returns FP32 holding those values.
+
+    The expert products cast their weights to the compute dtype anyway, so rounding before the
+    gather changes no product, and halves the FSDP traffic under BF16. Autodiff of a BF16 gather
+    would hand back a BF16 weight gradient; this transpose reduce-scatters the FP32 cotangent
+    instead, so expert-parallel weight gradients accumulate and stay FP32 (V3 Sec. 3.3.3: "weight
+    gradients ... in FP32" with FP32 master weights).
+    """
+    gathered = jax.lax.all_gather(w.astype(dtype), _axis_arg(axes), axis=dim, tiled=True)
+    return gathered.astype(w.dtype)
+
+
+def _gather_as_fwd(w, axes, dim, dtype):
+    return _gather_as(w, axes, dim, dtype), None
+
+
+def _gather_as_bwd(axes, dim, dtype, _, g):
+    return (jax.lax.psum_scatter(g, _axis_arg(axes), scatter_dimension=dim, tiled=True),)
+
+
+_gather_as.defvjp(_gather_as_fwd, _gather_as_bwd)
 
 
 def _ep_body(
@@ -469,7 +502,8 @@ def _ep_body(
     router_w = jax.tree.map(lambda w: _gather(w, D_ax, 0), router_w)  # [D, E]
     r = nnx.merge(router_def, router_w, router_rest)(xf)  # the router runs on local tokens, in fp32
     xc = xf.astype(cfg.compute_dtype)
-    ws = (_gather(w_gate, D_ax, 1), _gather(w_up, D_ax, 1), _gather(w_down, D_ax, 2))
+    dt = cfg.compute_dtype  # the wire dtype; the weights stay FP32 masters (see `_gather_as`)
+    ws = (_gather(w_gate, D_ax, 1, dt), _gather(w_up, D_ax, 1, dt), _gather(w_down, D_ax, 2, dt))
     if exchange == "capacity":
         routed, dropped = _capacity_exchange(xc, r, klass.reshape(-1), ws, layout, cfg, sizes)
     elif layout.ep_size == 1:
@@ -523,7 +557,9 @@ def expert_parallel_routed(
     Args:
       router: the MoE's Router module (split and merged inside the shard_map).
       x: [B, T, D] tokens, split over the batch axes.
-      w_gate, w_up: [E, D, F]; w_down: [E, F, D] in the compute dtype.
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D]: the master weights (FP32 under BF16 compute:
+        they cross the FSDP gather as compute-dtype bytes, the products run in the compute
+        dtype, and their gradients come back in FP32; V3 Sec. 3.3.3).
       cfg: model config (sizes, capacity_factor, compute dtype).
       parallel: the mesh, rules and exchange ('ragged' | 'ragged_emulated' | 'capacity'; its
         buffer_factor sizes the ragged receive buffer).

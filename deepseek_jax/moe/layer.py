@@ -89,9 +89,9 @@ class MoE(nnx.Module):
                     "MoE: FP8 serving weights run only with moe_impl='dropless' and "
                     f"ParallelConfig.exchange='none', got exchange={parallel.exchange!r}"
                 )
-            # Cast before the exchange: under FSDP the gathered weights are then compute-dtype
-            # bytes, and the expert-parallel weight gradients come back in that dtype.
-            ws = [w[...].astype(cfg.compute_dtype) for w in (self.w_gate, self.w_up, self.w_down)]
+            # The master weights: the FSDP gather sends compute-dtype bytes, the weight
+            # gradients come back FP32 (V3 Sec. 3.3.3; expert_parallel._gather_as).
+            ws = [w[...] for w in (self.w_gate, self.w_up, self.w_down)]
             routed, r, dropped = expert_parallel.expert_parallel_routed(
                 self.router, x, *ws, cfg, parallel=parallel, token_mask=token_mask
             )
