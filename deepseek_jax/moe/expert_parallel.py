@@ -379,29 +379,46 @@ def _priority(r: Routing, klass) -> jax.Array:
     return jnp.where(k == 0, -jnp.inf, prio)
 
 
+def _device_level_keep(r: Routing, klass, layout: EPLayout, sizes: CapacitySizes):
+    """V2's device-level dropping (Sec. 2.2.3): which assignments their receivers keep.
+
+    1. each source ranks its assignments to each device by `_priority` and sends its best
+       S = sizes.send_rows per device, [P, S] f32 (all_to_all): no device keeps more than S of
+       one source's, since it keeps at most max(C, protected arrivals) <= S or all R <= S;
+    2. each device keeps its budget C of best arrivals across all sources and every protected
+       one (`device_keep`); per source they are a prefix of its ranked rows, so the count
+       [P] int32 goes back (all_to_all), and each source keeps that many of its best.
+    Padding ranks last (-inf), is never kept and takes no room.
+
+    Returns:
+      `capacity_layout`'s (order, sorted_dest, slot) of a [P, S] send buffer, and keep_sorted
+      [M*K] whether each sorted assignment is kept (then its slot is < S).
+    """
+    n_dev, axes = layout.ep_size, layout.expert_axes
+    E_l, S = r.scores.shape[-1] // n_dev, sizes.send_rows
+    prio = _priority(r, klass)  # [M, K]
+    order, sorted_dest, slot, _ = capacity_layout(r.experts // E_l, prio, n_dev, S)
+    send_p = jnp.full((n_dev, S), -jnp.inf, prio.dtype)
+    send_p = send_p.at[sorted_dest, slot].set(prio.reshape(-1)[order], mode="drop")  # [P, S]
+    recv_p = _all_to_all(send_p, axes)  # [P, S]: block q came from source q
+    n_keep = device_keep(recv_p, sizes.budget).sum(-1, dtype=jnp.int32)  # [P] per source
+    n_keep = _all_to_all(n_keep, axes)  # [P]: how many of my best device p keeps
+    return order, sorted_dest, slot, slot < n_keep[sorted_dest]  # slot S: never kept
+
+
 def _capacity_exchange(xc, r: Routing, klass, ws, layout: EPLayout, cfg, sizes: CapacitySizes):
     """Device-level dropping (V2 Sec. 2.2.3) over fixed all-to-alls -> ([M, D], dropped count).
 
     klass [M]: 0 padding (never sent), 1 a token, 2 a token of a never-dropped sequence.
-    1. each source ranks its assignments to each device by raw affinity s (`_priority`) and
-       sends the priorities [P, R] (all_to_all);
-    2. each device keeps its C best arrivals across all sources (`device_keep`) and sends the
-       verdicts back (all_to_all of [P, R] bools);
-    3. the kept rows travel in [P, R', D] blocks (R' = sizes.send_rows: kept rows from one
-       source never exceed it), are compacted to the device's recv_rows, run through the local
-       experts and return (two all_to_alls).
+    `_device_level_keep` decides which assignments their devices keep (priorities out, keep
+    counts back); the kept rows travel in [P, S, D] blocks (S = sizes.send_rows: kept rows from
+    one source never exceed it), are compacted to the device's recv_rows, run through the local
+    experts and return (two all_to_alls).
     """
     M, K = r.experts.shape
     D, E_l, n_dev, axes = xc.shape[-1], ws[0].shape[0], layout.ep_size, layout.expert_axes
-    R, S = sizes.pair_rows, sizes.send_rows
-    prio = _priority(r, klass)  # [M, K]
-    order, sorted_dest, slot, _ = capacity_layout(r.experts // E_l, prio, n_dev, R)
-    sorted_prio = prio.reshape(-1)[order]
-    send_p = jnp.full((n_dev, R), -jnp.inf, prio.dtype).at[sorted_dest, slot].set(sorted_prio)
-    recv_p = _all_to_all(send_p, axes)  # [P, R]: block q came from source q
-    verdict = device_keep(recv_p, sizes.budget).astype(jnp.int8)  # int8: one byte on the wire
-    verdict = _all_to_all(verdict, axes) > 0  # [P, R]: block p from device p
-    keep_sorted = verdict[sorted_dest, slot] & jnp.isfinite(sorted_prio)  # a prefix per dest
+    S = sizes.send_rows
+    order, sorted_dest, slot, keep_sorted = _device_level_keep(r, klass, layout, sizes)
     slot = jnp.where(keep_sorted, slot, S)  # out of range: the scatters drop it
     sorted_e = r.experts.reshape(-1)[order]
     send = jnp.zeros((n_dev, S, D), xc.dtype)
@@ -422,37 +439,13 @@ def _capacity_exchange(xc, r: Routing, klass, ws, layout: EPLayout, cfg, sizes: 
     return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), dropped
 
 
-def _ragged_keep(r: Routing, klass, layout: EPLayout, sizes: CapacitySizes) -> jax.Array:
-    """V2's device-level dropping (Sec. 2.2.3) for the ragged exchange -> [M*K] bool, kept.
-
-    1. each source ranks its assignments to each device by `_priority` and sends its best
-       S = sizes.send_rows per device, [P, S] f32 (all_to_all): no device keeps more than S of
-       one source's, since it keeps at most max(C, protected arrivals) <= S or all R <= S;
-    2. each device keeps its budget C of best arrivals across all sources and every protected
-       one (`device_keep`); per source they are a prefix of its ranked rows, so the count
-       [P] int32 goes back (all_to_all), and each source keeps that many of its best.
-    Padding ranks last (-inf), is never kept, takes no room and is not counted as dropped.
-    """
-    n_dev, axes = layout.ep_size, layout.expert_axes
-    E_l, S = r.scores.shape[-1] // n_dev, sizes.send_rows
-    prio = _priority(r, klass)  # [M, K]
-    order, sorted_dest, slot, _ = capacity_layout(r.experts // E_l, prio, n_dev, S)
-    send_p = jnp.full((n_dev, S), -jnp.inf, prio.dtype)
-    send_p = send_p.at[sorted_dest, slot].set(prio.reshape(-1)[order], mode="drop")  # [P, S]
-    recv_p = _all_to_all(send_p, axes)  # [P, S]: block q came from source q
-    n_keep = device_keep(recv_p, sizes.budget).sum(-1, dtype=jnp.int32)  # [P] per source
-    n_keep = _all_to_all(n_keep, axes)  # [P]: how many of my best device p keeps
-    keep_sorted = slot < n_keep[sorted_dest]  # slot S (past the priorities sent) never
-    return jnp.zeros((r.experts.size,), bool).at[order].set(keep_sorted)  # [M*K]
-
-
 def _ragged_exchange(
     xc, r: Routing, klass, ws, layout: EPLayout, cfg: ModelConfig, sizes: CapacitySizes, a2a
 ):
     """Dispatch/combine with ragged all-to-alls; returns ([M, D], dropped count).
 
     With a worst-case buffer (budget C >= P R: no device can overflow) every assignment is sent,
-    padding included, and nothing is dropped. Else `_ragged_keep` decides first which
+    padding included, and nothing is dropped. Else `_device_level_keep` decides first which
     assignments the receivers keep (V2 Sec. 2.2.3), each source sends only those, and the plan
     is built from the post-drop counts, so every receiver's arrivals fit its sizes.recv_rows.
     """
@@ -463,7 +456,8 @@ def _ragged_exchange(
     if sizes.budget >= layout.ep_size * sizes.pair_rows:  # dropless, no extra collective
         dropped = jnp.zeros((), jnp.int32)
     else:
-        keep = _ragged_keep(r, klass, layout, sizes)  # [M*K]
+        order, _, _, keep_sorted = _device_level_keep(r, klass, layout, sizes)
+        keep = jnp.zeros((M * K,), bool).at[order].set(keep_sorted)  # [M*K]
         dropped = (jnp.repeat(klass > 0, K) & ~keep).sum()
         flat_e = jnp.where(keep, flat_e, E)  # dropped rows sort last and are never sent
     order = jnp.argsort(flat_e, stable=True)  # by expert, hence by destination device

@@ -171,8 +171,10 @@ def test_ep_block_equals_dropless_reference(block, reference, exchange, mesh_cfg
     )
 
 
-def _lower_block(moe, x, exchange, mesh_cfg, grad: bool):
-    parallel = _parallel(mesh_cfg, exchange)
+def _lower_block(moe, x, exchange, mesh_cfg, grad: bool, buffer_factor=None):
+    parallel = ParallelConfig(
+        make_mesh(mesh_cfg), get_rules(mesh_cfg.rules), exchange, buffer_factor=buffer_factor
+    )
 
     def loss(m, x):
         return (m(x, parallel=parallel)[0] ** 2).sum()
@@ -192,7 +194,7 @@ def test_all_to_all_bytes_match_analytic_count(block):
     sizes = ep.capacity_sizes(M_l, cfg, P)
     send = P * sizes.send_rows * D * 4  # one [P, R', D] fp32 buffer
     ids = P * sizes.send_rows * 4  # its int32 expert ids
-    verdicts = P * sizes.pair_rows * (4 + 1)  # fp32 priorities out, int8 verdicts back
+    verdicts = P * sizes.send_rows * 4 + P * 4  # fp32 priorities out, int32 keep counts back
     for grad, expect in ((False, 2 * send + ids + verdicts), (True, 4 * send + ids + verdicts)):
         traced, lowered = _lower_block(moe, x, "capacity", mesh_cfg, grad)
         traced_bytes = collectives_from_jaxpr(traced.jaxpr, dict(make_mesh(mesh_cfg).shape))
@@ -216,6 +218,31 @@ def test_ragged_path_lowers_with_ragged_all_to_all(block):
     if jax.default_backend() == "cpu":
         with pytest.raises(Exception, match="ragged"):
             lowered.compile()
+
+
+def test_ragged_priority_exchange_only_when_a_buffer_can_overflow(block):
+    # Worst-case buffer: no all_to_all beside the ragged ones (the backward's come from JAX's
+    # transpose of ragged_all_to_all, which exchanges [P] int32 offsets). A smaller buffer adds
+    # the priorities [P, S] f32 out and the keep counts [P] int32 back, forward only (no
+    # gradient flows through the dropping decision).
+    cfg, moe, x = block
+    mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
+    P, M_l, K, D = 4, B * T // 8, cfg.num_experts_per_tok, cfg.hidden_size
+    shape = dict(make_mesh(mesh_cfg).shape)
+    S = ep.capacity_sizes(M_l, cfg, P, budget=ep.ragged_buffer_rows(M_l, cfg, P, 0.5)).send_rows
+    assert S < M_l * K
+    for grad in (False, True):
+        got = {}
+        for factor in (None, 100.0, 0.5):
+            traced, _ = _lower_block(moe, x, "ragged", mesh_cfg, grad, factor)
+            c = collectives_from_jaxpr(traced.jaxpr, shape)
+            got[factor] = c["all_to_all"].operand_bytes if "all_to_all" in c else 0
+            # the data rows stay ragged: counted as min(M_l K, receive buffer) rows each way
+            rows = min(M_l * K, 6 if factor == 0.5 else P * M_l * K)
+            assert c["ragged_all_to_all"].operand_bytes == (4 if grad else 2) * rows * D * 4
+        assert got[None] == got[100.0] == (0 if not grad else got[None])
+        assert got[0.5] - got[None] == 4 * P * S + 4 * P, grad
+    assert got[None] == 4 * P * 4  # the transposes' offsets only
 
 
 # ---- node-limited routing, layouts, dispatch --------------------------------------------------
