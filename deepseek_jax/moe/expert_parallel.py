@@ -556,19 +556,23 @@ def expert_parallel_routed(
         x[B_X, T, D]; W_g[D_Z, E], W[E_P, D_Z, F_Y]   Z = the `embed` (FSDP) axes
         W_g, W -> all_gather(Z) -> [D, ...]   FSDP; the transpose is a reduce-scatter over Z
         s[B_X T, E] = x W_g; top-K            local routing (group-limited, node-limited)
+        drop      (capacity; ragged when its buffer C < P R) V2 Sec. 2.2.3 device-level rule:
+                  priorities [P, S] f32 -> all_to_all -> keep counts [P] int32 -> all_to_all
+                  (S = CapacitySizes.send_rows, R = pair_rows)
         dispatch  a[M_l K, D] -> all_to_all(expert) -> a[P x rows_from_q, D]
-                  capacity: priorities [P, R] f32 out, verdicts [P, R] bool back, then
-                  [P, R', D] + ids [P, R'] (R' = CapacitySizes.send_rows)
-                  ragged: exactly M_l K rows each way
+                  capacity: [P, S, D] + ids [P, S]
+                  ragged: the kept rows, at most M_l K (all of them when C >= P R), planned
+                  from an all_gather of the [E] int32 per-expert counts of the rows sent
         experts   h = SwiGLU(a; W_gate/up[E_P, D, F_Y], W_down[E_P, F_Y, D])  grouped matmul
         combine   y[P x rows, D] -> all_to_all(expert) -> y[M_l K, D]
         out[B_X T, D] = sum_k g_k y_k; psum_Y(out) when F is split over Y
         dropped: psum_X of the local count
 
-    Bytes per device per layer, forward (the backward repeats the two exchanges, and a full
-    remat recomputes the forward's): capacity 2 P R' D b + 4 P R' (ids) + 5 P R (priorities
-    and verdicts); ragged 2 M_l K D b plus
-    an all-gather of the [E] int32 counts (the real collective sends (P-1)/P of it off-device).
+    Bytes per device per layer, forward (the backward repeats the two data exchanges, not the
+    dropping decision, and a full remat recomputes the forward's): capacity 2 P S D b + 4 P S
+    (ids) + 4 P S + 4 P (priorities and keep counts); ragged at most 2 M_l K D b, plus 4 P S +
+    4 P when its buffer can overflow, plus an all-gather of the [E] int32 counts (the real
+    collective sends (P-1)/P of it off-device).
 
     Args:
       router: the MoE's Router module (split and merged inside the shard_map).
@@ -577,10 +581,12 @@ def expert_parallel_routed(
       cfg: model config (sizes, capacity_factor, compute dtype).
       parallel: the mesh, rules and exchange ('ragged' | 'ragged_emulated' | 'capacity'; its
         buffer_factor sizes the ragged receive buffer).
-      buffer_rows: receive rows of the ragged path (default `ragged_buffer_rows` with
-        parallel.buffer_factor).
-      token_mask: [B, T] bool, False on padding: the capacity exchange never sends padding, so
-        it takes no device budget; None = no padding.
+      buffer_rows: the ragged path's budget C, its receive rows (default `ragged_buffer_rows`
+        with parallel.buffer_factor); below the worst case P R, overflow follows V2's
+        device-level rule, and the buffer grows to hold every protected arrival (as the
+        capacity exchange's `CapacitySizes.recv_rows`).
+      token_mask: [B, T] bool, False on padding: the dropping exchanges never send padding, so
+        it takes no device budget (the dropless ragged one sends it); None = no padding.
     Returns:
       (routed [B, T, D], Routing with weights/experts [B*T, K] and scores [B*T, E],
        dropped fraction [] of the real (token, expert) assignments).

@@ -192,7 +192,7 @@ def test_all_to_all_bytes_match_analytic_count(block):
     P, D = 4, cfg.hidden_size
     M_l = B * T // 8
     sizes = ep.capacity_sizes(M_l, cfg, P)
-    send = P * sizes.send_rows * D * 4  # one [P, R', D] fp32 buffer
+    send = P * sizes.send_rows * D * 4  # one [P, S, D] fp32 buffer
     ids = P * sizes.send_rows * 4  # its int32 expert ids
     verdicts = P * sizes.send_rows * 4 + P * 4  # fp32 priorities out, int32 keep counts back
     for grad, expect in ((False, 2 * send + ids + verdicts), (True, 4 * send + ids + verdicts)):
