@@ -130,6 +130,9 @@ def test_capacity_sizes():
     assert sz == ep.CapacitySizes(budget=6, pair_rows=12, send_rows=6, recv_rows=6)
     sz = ep.capacity_sizes(6, cfg.replace(capacity_factor=0.5), ep_size=4, protected_tokens=6)
     assert sz.recv_rows == 4 * 6 * 2 and sz.send_rows == 12  # every protected arrival fits
+    # The ragged exchange's budget is its buffer rows, whatever the capacity factor.
+    sz = ep.capacity_sizes(6, cfg.replace(capacity_factor=9.0), ep_size=4, budget=6)
+    assert sz == ep.CapacitySizes(budget=6, pair_rows=12, send_rows=6, recv_rows=6)
 
 
 # ---- the ragged exchange with a receive buffer below the worst case ---------------------------
