@@ -6,8 +6,10 @@ device routes its own tokens, sends every (token, expert) assignment to the devi
 expert with an all-to-all over the `expert` axis (P devices, E/P experts each), runs its local
 experts as one grouped matmul, sends the results back and forms the gated sum. Three exchanges:
 
-  * `ragged`          - dropless: `jax.lax.ragged_all_to_all` moves exactly the assignments each
-                        device routes (GPU/TPU; XLA:CPU has no ragged-all-to-all);
+  * `ragged`          - `jax.lax.ragged_all_to_all` moves exactly the assignments each device
+                        routes (GPU/TPU; XLA:CPU has no ragged-all-to-all): dropless with the
+                        worst-case receive buffer; with a smaller one (`buffer_factor`) a device
+                        over its budget drops by V2's device-level rule below, not by source;
   * `ragged_emulated` - the same offsets and sizes, the transfer done by an all-gather (P times
                         the traffic) so that CPU runs and tests can hold the ragged plan exact;
   * `capacity`        - V2's device-level token dropping (Sec. 2.2.3) over fixed `all_to_all`
@@ -145,17 +147,24 @@ class CapacitySizes(NamedTuple):
 
 
 def capacity_sizes(
-    tokens: int, cfg: ModelConfig, ep_size: int, protected_tokens: int = 0
+    tokens: int,
+    cfg: ModelConfig,
+    ep_size: int,
+    protected_tokens: int = 0,
+    *,
+    budget: int | None = None,
 ) -> CapacitySizes:
     """Sizes of the device-level dropping exchange for M_l = `tokens` per device.
 
     A device keeps at most max(C, protected arrivals) assignments, so no source sends it more:
     the data blocks need min(R, that) rows and are never overflowed. `protected_tokens` is the
-    most never-dropped tokens one source holds.
+    most never-dropped tokens one source holds. `budget`: C, default ceil(capacity_factor M_l K)
+    (the capacity exchange); the ragged exchange passes its `ragged_buffer_rows`.
     """
     K, E_l = cfg.num_experts_per_tok, cfg.n_routed_experts // ep_size
     R = tokens * min(K, E_l)
-    budget = max(1, math.ceil(cfg.capacity_factor * tokens * K))
+    if budget is None:
+        budget = max(1, math.ceil(cfg.capacity_factor * tokens * K))
     recv = min(ep_size * R, max(budget, ep_size * protected_tokens * min(K, E_l)))
     return CapacitySizes(budget, R, min(R, recv), recv)
 
@@ -194,7 +203,9 @@ def ragged_buffer_rows(
     A token sends at most min(K, E/P) assignments to one device, so P M_l min(K, E/P) rows never
     overflow (factor None). That is P times the mean load M_l K - for V3 on EP64, 15 GiB of bf16
     rows - so at scale a `factor` (e.g. 2: twice the mean load, which the bias-balanced router
-    stays under) bounds it; rows past the buffer are dropped and counted in MoEStats.dropped.
+    stays under) bounds it. It is then the device's budget C of V2's device-level dropping
+    (Sec. 2.2.3): over it, the lowest-affinity arrivals across all sources are dropped (never
+    a protected sequence's) and counted in MoEStats.dropped.
     """
     E_l = cfg.n_routed_experts // ep_size
     worst = ep_size * tokens * min(cfg.num_experts_per_tok, E_l)
@@ -241,26 +252,26 @@ class RaggedPlan(NamedTuple):
     """Offsets and sizes of one device's two ragged all-to-alls (all [P] int32 unless noted)."""
 
     input_offsets: jax.Array  # start of my rows for device p in my expert-sorted rows
-    send_sizes: jax.Array  # rows I send to p (clipped to p's buffer)
+    send_sizes: jax.Array  # rows I send to p
     output_offsets: jax.Array  # where those rows land in p's buffer
     recv_sizes: jax.Array  # rows I receive from source q
     recv_offsets: jax.Array  # where q's rows start in my buffer
     return_offsets: jax.Array  # where my results for q land in q's expert-sorted rows
     recv_expert: jax.Array  # [N] local expert of each buffer row (E/P marks an empty row)
-    dropped: jax.Array  # [] my assignments that did not fit a receiver's buffer
 
 
 def ragged_plan(counts: jax.Array, me: jax.Array, buffer_rows: int) -> RaggedPlan:
-    """Plans the dropless exchange from every device's per-expert counts.
+    """Plans the ragged exchange from every device's per-expert counts of the rows it sends.
 
-    Each device sorts its assignments by expert (so by destination: experts are contiguous per
-    device), and each receiver stacks its sources' rows in source order. The plan is a pure
+    Each device sorts the rows it sends by expert (so by destination: experts are contiguous
+    per device), and each receiver stacks its sources' rows in source order. The plan is a pure
     function of the all-gathered counts, so no sizes need their own all-to-all.
 
     Args:
-      counts: [P, E] assignments device q routes to expert e (the same array on every device).
+      counts: [P, E] rows device q sends to expert e (the same array on every device); what
+        arrives at one device must fit its buffer: `_ragged_exchange` drops before it plans.
       me: [] this device's index on the expert axis.
-      buffer_rows: N, rows of the receive buffer; sources beyond it are clipped (dropped).
+      buffer_rows: N, rows of the receive buffer.
     Returns:
       The RaggedPlan of device `me`.
     """
@@ -268,26 +279,21 @@ def ragged_plan(counts: jax.Array, me: jax.Array, buffer_rows: int) -> RaggedPla
     E_l = E // n_dev
     dev = counts.reshape(n_dev, n_dev, E_l).sum(-1)  # [src, dst]
     at_dst = jnp.cumsum(dev, axis=0) - dev  # [src, dst] offset of src's rows in dst's buffer
-    allowed = jnp.clip(buffer_rows - at_dst, 0, dev)  # [src, dst] rows that fit
     at_src = jnp.cumsum(dev, axis=1) - dev  # [src, dst] offset of dst's rows in src's rows
-    # The rows I receive are source-major, expert-minor (each source sorted by expert); clipping
-    # keeps a prefix, so the kept rows per (source, expert) follow from the counts.
+    # The rows I receive are source-major, expert-minor (each source sorted by expert).
     mine = jax.lax.dynamic_slice_in_dim(counts, me * E_l, E_l, axis=1)  # [src, E_l]
-    before = jnp.cumsum(mine, axis=1) - mine
-    kept = jnp.clip(allowed[:, me][:, None] - before, 0, mine)  # [src, E_l]
-    ends = jnp.cumsum(kept.reshape(-1))  # [src * E_l]
+    ends = jnp.cumsum(mine.reshape(-1))  # [src * E_l]
     seg = jnp.searchsorted(ends, jnp.arange(buffer_rows), side="right")  # [N]
     recv_expert = jnp.where(seg < n_dev * E_l, seg % E_l, E_l).astype(jnp.int32)
     i32 = lambda a: a.astype(jnp.int32)
     return RaggedPlan(
         input_offsets=i32(at_src[me]),
-        send_sizes=i32(allowed[me]),
+        send_sizes=i32(dev[me]),
         output_offsets=i32(at_dst[me]),
-        recv_sizes=i32(allowed[:, me]),
+        recv_sizes=i32(dev[:, me]),
         recv_offsets=i32(at_dst[:, me]),
         return_offsets=i32(at_src[:, me]),
         recv_expert=recv_expert,
-        dropped=(dev[me] - allowed[me]).sum(),
     )
 
 
@@ -359,33 +365,60 @@ def _all_to_all(x, axes):
     return jax.lax.all_to_all(x, _axis_arg(axes), 0, 0, tiled=True)  # [P, ...] blocks swap
 
 
+def _priority(r: Routing, klass) -> jax.Array:
+    """[M, K] dropping priority of each assignment (V2 Sec. 2.2.3): the raw affinity s_{i,t}
+    (V2 drops "the tokens with the lowest affinity scores", not by the normalised, scaled gating
+    weight), plus `_PROTECT` for a never-dropped sequence's, -inf for padding (never sent).
+
+    klass [M]: 0 padding, 1 a token, 2 a token of a never-dropped sequence.
+    """
+    K = r.experts.shape[1]
+    affinity = jax.lax.stop_gradient(jnp.take_along_axis(r.scores, r.experts, axis=-1))  # [M, K]
+    k = jnp.repeat(klass[:, None], K, axis=1)  # [M, K]
+    prio = jnp.where(k == 2, affinity + _PROTECT, affinity)
+    return jnp.where(k == 0, -jnp.inf, prio)
+
+
+def _device_level_keep(r: Routing, klass, layout: EPLayout, sizes: CapacitySizes):
+    """V2's device-level dropping (Sec. 2.2.3): which assignments their receivers keep.
+
+    1. each source ranks its assignments to each device by `_priority` and sends its best
+       S = sizes.send_rows per device, [P, S] f32 (all_to_all): no device keeps more than S of
+       one source's, since it keeps at most max(C, protected arrivals) <= S or all R <= S;
+    2. each device keeps its budget C of best arrivals across all sources and every protected
+       one (`device_keep`); per source they are a prefix of its ranked rows, so the count
+       [P] int32 goes back (all_to_all), and each source keeps that many of its best.
+    Padding ranks last (-inf), is never kept and takes no room.
+
+    Returns:
+      `capacity_layout`'s (order, sorted_dest, slot) of a [P, S] send buffer, and keep_sorted
+      [M*K] whether each sorted assignment is kept (then its slot is < S).
+    """
+    n_dev, axes = layout.ep_size, layout.expert_axes
+    E_l, S = r.scores.shape[-1] // n_dev, sizes.send_rows
+    prio = _priority(r, klass)  # [M, K]
+    order, sorted_dest, slot, _ = capacity_layout(r.experts // E_l, prio, n_dev, S)
+    send_p = jnp.full((n_dev, S), -jnp.inf, prio.dtype)
+    send_p = send_p.at[sorted_dest, slot].set(prio.reshape(-1)[order], mode="drop")  # [P, S]
+    recv_p = _all_to_all(send_p, axes)  # [P, S]: block q came from source q
+    n_keep = device_keep(recv_p, sizes.budget).sum(-1, dtype=jnp.int32)  # [P] per source
+    n_keep = _all_to_all(n_keep, axes)  # [P]: how many of my best device p keeps
+    return order, sorted_dest, slot, slot < n_keep[sorted_dest]  # slot S: never kept
+
+
 def _capacity_exchange(xc, r: Routing, klass, ws, layout: EPLayout, cfg, sizes: CapacitySizes):
     """Device-level dropping (V2 Sec. 2.2.3) over fixed all-to-alls -> ([M, D], dropped count).
 
     klass [M]: 0 padding (never sent), 1 a token, 2 a token of a never-dropped sequence.
-    1. each source ranks its assignments to each device by raw affinity s (V2 drops "the
-       tokens with the lowest affinity scores"; not the normalised, scaled gating weight) and
-       sends the priorities [P, R] (all_to_all);
-    2. each device keeps its C best arrivals across all sources (`device_keep`) and sends the
-       verdicts back (all_to_all of [P, R] bools);
-    3. the kept rows travel in [P, R', D] blocks (R' = sizes.send_rows: kept rows from one
-       source never exceed it), are compacted to the device's recv_rows, run through the local
-       experts and return (two all_to_alls).
+    `_device_level_keep` decides which assignments their devices keep (priorities out, keep
+    counts back); the kept rows travel in [P, S, D] blocks (S = sizes.send_rows: kept rows from
+    one source never exceed it), are compacted to the device's recv_rows, run through the local
+    experts and return (two all_to_alls).
     """
     M, K = r.experts.shape
     D, E_l, n_dev, axes = xc.shape[-1], ws[0].shape[0], layout.ep_size, layout.expert_axes
-    R, S = sizes.pair_rows, sizes.send_rows
-    affinity = jax.lax.stop_gradient(jnp.take_along_axis(r.scores, r.experts, axis=-1))  # [M, K]
-    k = jnp.repeat(klass[:, None], K, axis=1)  # [M, K]
-    prio = jnp.where(k == 2, affinity + _PROTECT, affinity)
-    prio = jnp.where(k == 0, -jnp.inf, prio)
-    order, sorted_dest, slot, _ = capacity_layout(r.experts // E_l, prio, n_dev, R)
-    sorted_prio = prio.reshape(-1)[order]
-    send_p = jnp.full((n_dev, R), -jnp.inf, prio.dtype).at[sorted_dest, slot].set(sorted_prio)
-    recv_p = _all_to_all(send_p, axes)  # [P, R]: block q came from source q
-    verdict = device_keep(recv_p, sizes.budget).astype(jnp.int8)  # int8: one byte on the wire
-    verdict = _all_to_all(verdict, axes) > 0  # [P, R]: block p from device p
-    keep_sorted = verdict[sorted_dest, slot] & jnp.isfinite(sorted_prio)  # a prefix per dest
+    S = sizes.send_rows
+    order, sorted_dest, slot, keep_sorted = _device_level_keep(r, klass, layout, sizes)
     slot = jnp.where(keep_sorted, slot, S)  # out of range: the scatters drop it
     sorted_e = r.experts.reshape(-1)[order]
     send = jnp.zeros((n_dev, S, D), xc.dtype)
@@ -401,20 +434,37 @@ def _capacity_exchange(xc, r: Routing, klass, ws, layout: EPLayout, cfg, sizes: 
     back = _all_to_all(y.reshape(n_dev, S, D), axes)  # block p was computed on p
     ys = back.at[sorted_dest, slot].get(mode="fill", fill_value=0)  # [M*K, D], sorted order
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(M, K, D)
-    real = (k > 0).reshape(-1)[order]
+    real = jnp.repeat(klass > 0, K)[order]
     dropped = (real & ~keep_sorted).sum()
     return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), dropped
 
 
-def _ragged_exchange(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig, buffer_rows, a2a):
-    """Dropless dispatch/combine with ragged all-to-alls; returns ([M, D], dropped count)."""
+def _ragged_exchange(
+    xc, r: Routing, klass, ws, layout: EPLayout, cfg: ModelConfig, sizes: CapacitySizes, a2a
+):
+    """Dispatch/combine with ragged all-to-alls; returns ([M, D], dropped count).
+
+    With a worst-case buffer (budget C >= P R: no device can overflow) every assignment is sent,
+    padding included, and nothing is dropped. Else `_device_level_keep` decides first which
+    assignments the receivers keep (V2 Sec. 2.2.3), each source sends only those, and the plan
+    is built from the post-drop counts, so every receiver's arrivals fit its sizes.recv_rows.
+    """
     M, K = r.experts.shape
     D, E_l, manual = xc.shape[-1], ws[0].shape[0], layout.varying_axes
+    E = layout.ep_size * E_l
     flat_e = r.experts.reshape(-1)  # [M*K]
+    if sizes.budget >= layout.ep_size * sizes.pair_rows:  # dropless, no extra collective
+        dropped = jnp.zeros((), jnp.int32)
+    else:
+        order, _, _, keep_sorted = _device_level_keep(r, klass, layout, sizes)
+        keep = jnp.zeros((M * K,), bool).at[order].set(keep_sorted)  # [M*K]
+        dropped = (jnp.repeat(klass > 0, K) & ~keep).sum()
+        flat_e = jnp.where(keep, flat_e, E)  # dropped rows sort last and are never sent
     order = jnp.argsort(flat_e, stable=True)  # by expert, hence by destination device
     xs = xc[order // K]  # [M*K, D]
-    counts = jnp.bincount(flat_e, length=layout.ep_size * E_l).astype(jnp.int32)  # [E]
+    counts = jnp.bincount(flat_e, length=E + 1)[:E].astype(jnp.int32)  # [E] rows sent
     axis = _axis_arg(layout.expert_axes)
+    buffer_rows = sizes.recv_rows
     p = ragged_plan(jax.lax.all_gather(counts, axis), jax.lax.axis_index(axis), buffer_rows)
     # The collective types its result like its `output` buffer: a buffer that varies over every
     # axis the data does keeps the received rows typed per device (else the autodiff casts of
@@ -428,9 +478,9 @@ def _ragged_exchange(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig, buf
     y = _local_experts(recv, p.recv_expert, *ws, axes=manual, fp8=cfg.fp8)  # [N, D]
     back = a2a(
         y, back_buf, p.recv_offsets, p.recv_sizes, p.return_offsets, p.send_sizes, axis_name=axis
-    )  # [M*K, D] expert-sorted; rows that did not fit stay 0
+    )  # [M*K, D] expert-sorted; dropped rows stay 0
     y = jnp.zeros_like(back).at[order].set(back).reshape(M, K, D)
-    return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), p.dropped
+    return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), dropped
 
 
 def _local_dropless(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig):
@@ -511,7 +561,7 @@ def _ep_body(
     else:
         a2a = ragged_all_to_all_emulated if exchange == "ragged_emulated" else None
         a2a = a2a or jax.lax.ragged_all_to_all
-        routed, dropped = _ragged_exchange(xc, r, ws, layout, cfg, sizes, a2a)
+        routed, dropped = _ragged_exchange(xc, r, klass.reshape(-1), ws, layout, cfg, sizes, a2a)
     if layout.ffn_axes:  # each rank holds a slice of F: its outputs are partial sums
         routed = jax.lax.psum(routed, _axis_arg(layout.ffn_axes))
     if layout.batch_axes:
@@ -540,19 +590,23 @@ def expert_parallel_routed(
         x[B_X, T, D]; W_g[D_Z, E], W[E_P, D_Z, F_Y]   Z = the `embed` (FSDP) axes
         W_g, W -> all_gather(Z) -> [D, ...]   FSDP; the transpose is a reduce-scatter over Z
         s[B_X T, E] = x W_g; top-K            local routing (group-limited, node-limited)
+        drop      (capacity; ragged when its buffer C < P R) V2 Sec. 2.2.3 device-level rule:
+                  priorities [P, S] f32 -> all_to_all -> keep counts [P] int32 -> all_to_all
+                  (S = CapacitySizes.send_rows, R = pair_rows)
         dispatch  a[M_l K, D] -> all_to_all(expert) -> a[P x rows_from_q, D]
-                  capacity: priorities [P, R] f32 out, verdicts [P, R] bool back, then
-                  [P, R', D] + ids [P, R'] (R' = CapacitySizes.send_rows)
-                  ragged: exactly M_l K rows each way
+                  capacity: [P, S, D] + ids [P, S]
+                  ragged: the kept rows, at most M_l K (all of them when C >= P R), planned
+                  from an all_gather of the [E] int32 per-expert counts of the rows sent
         experts   h = SwiGLU(a; W_gate/up[E_P, D, F_Y], W_down[E_P, F_Y, D])  grouped matmul
         combine   y[P x rows, D] -> all_to_all(expert) -> y[M_l K, D]
         out[B_X T, D] = sum_k g_k y_k; psum_Y(out) when F is split over Y
         dropped: psum_X of the local count
 
-    Bytes per device per layer, forward (the backward repeats the two exchanges, and a full
-    remat recomputes the forward's): capacity 2 P R' D b + 4 P R' (ids) + 5 P R (priorities
-    and verdicts); ragged 2 M_l K D b plus
-    an all-gather of the [E] int32 counts (the real collective sends (P-1)/P of it off-device).
+    Bytes per device per layer, forward (the backward repeats the two data exchanges, not the
+    dropping decision, and a full remat recomputes the forward's): capacity 2 P S D b + 4 P S
+    (ids) + 4 P S + 4 P (priorities and keep counts); ragged at most 2 M_l K D b, plus 4 P S +
+    4 P when its buffer can overflow, plus an all-gather of the [E] int32 counts (the real
+    collective sends (P-1)/P of it off-device).
 
     Args:
       router: the MoE's Router module (split and merged inside the shard_map).
@@ -563,10 +617,12 @@ def expert_parallel_routed(
       cfg: model config (sizes, capacity_factor, compute dtype).
       parallel: the mesh, rules and exchange ('ragged' | 'ragged_emulated' | 'capacity'; its
         buffer_factor sizes the ragged receive buffer).
-      buffer_rows: receive rows of the ragged path (default `ragged_buffer_rows` with
-        parallel.buffer_factor).
-      token_mask: [B, T] bool, False on padding: the capacity exchange never sends padding, so
-        it takes no device budget; None = no padding.
+      buffer_rows: the ragged path's budget C, its receive rows (default `ragged_buffer_rows`
+        with parallel.buffer_factor); below the worst case P R, overflow follows V2's
+        device-level rule, and the buffer grows to hold every protected arrival (as the
+        capacity exchange's `CapacitySizes.recv_rows`).
+      token_mask: [B, T] bool, False on padding: the dropping exchanges never send padding, so
+        it takes no device budget (the dropless ragged one sends it); None = no padding.
     Returns:
       (routed [B, T, D], Routing with weights/experts [B*T, K] and scores [B*T, E],
        dropped fraction [] of the real (token, expert) assignments).
@@ -595,13 +651,14 @@ def expert_parallel_routed(
     mask = jnp.ones((B, T), bool) if token_mask is None else token_mask.astype(bool)
     protect = protected_sequences(B, cfg.never_drop_share)  # [B] (V2 Sec. 2.3)
     klass = jnp.where(mask, jnp.where(jnp.asarray(protect)[:, None], 2, 1), 0).astype(jnp.int32)
+    B_l = B // layout.batch_shards
+    most = max(int(protect[i : i + B_l].sum()) for i in range(0, B, B_l)) * T
     if exchange == "capacity":
-        B_l = B // layout.batch_shards
-        most = max(int(protect[i : i + B_l].sum()) for i in range(0, B, B_l)) * T
         sizes = capacity_sizes(tokens, cfg, layout.ep_size, most)
-    else:
+    else:  # the ragged buffer is the budget C of the same device-level rule
         factor = parallel.buffer_factor
-        sizes = buffer_rows or ragged_buffer_rows(tokens, cfg, layout.ep_size, factor)
+        budget = buffer_rows or ragged_buffer_rows(tokens, cfg, layout.ep_size, factor)
+        sizes = capacity_sizes(tokens, cfg, layout.ep_size, most, budget=budget)
     router_def, router_w, router_rest = nnx.split(router, nnx.Param, ...)
     X = layout.batch_axes or None
     EX = layout.expert_axes or None

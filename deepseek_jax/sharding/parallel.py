@@ -65,6 +65,8 @@ class ParallelConfig:
         all-to-all: 'ragged', 'ragged_emulated' (CPU: all-gather emulation), 'capacity'.
       buffer_factor: receive rows of the ragged exchanges as a multiple of the mean load
         (`moe.expert_parallel.ragged_buffer_rows`); None = the worst case, which never drops.
+        Below the worst case a device over it drops its lowest-affinity arrivals across all
+        sources, never a protected sequence's (V2 Sec. 2.2.3, as the capacity exchange).
     """
 
     mesh: Mesh | AbstractMesh | None = None
