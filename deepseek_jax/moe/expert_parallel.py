@@ -177,21 +177,24 @@ def protected_sequences(batch: int, share: float) -> np.ndarray:
     return np.floor((b + 1) * share) > np.floor(b * share)
 
 
-def device_keep(priority: jax.Array, budget: int) -> jax.Array:
+def device_keep(priority: jax.Array, budget: int, *, hard: bool = False) -> jax.Array:
     """V2's device-level rule on one receiving device: which arriving assignments stay.
 
     Args:
       priority: [P, R] for each source's assignments to this device: the raw affinity s, plus
         `_PROTECT` for never-dropped sequences, -inf where nothing was sent.
       budget: C, assignments this device accepts.
+      hard: C is the size of a buffer (the ragged exchange's): protected rows rank first but
+        nothing past C stays. Else every protected row stays, whatever C.
     Returns:
-      [P, R] bool: the C highest priorities (ties: lower source, then earlier slot) and every
-      protected one; nothing that was not sent.
+      [P, R] bool: the C highest priorities (ties: lower source, then earlier slot) and, unless
+      `hard`, every protected one; nothing that was not sent.
     """
     flat = priority.reshape(-1)  # [P R]
     order = jnp.argsort(-flat, stable=True)
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(flat.shape[0]))
-    keep = jnp.isfinite(flat) & ((rank < budget) | (flat >= _PROTECT))
+    within = rank < budget
+    keep = jnp.isfinite(flat) & (within if hard else within | (flat >= _PROTECT))
     return keep.reshape(priority.shape)
 
 
@@ -379,15 +382,18 @@ def _priority(r: Routing, klass) -> jax.Array:
     return jnp.where(k == 0, -jnp.inf, prio)
 
 
-def _device_level_keep(r: Routing, klass, layout: EPLayout, sizes: CapacitySizes):
+def _device_level_keep(
+    r: Routing, klass, layout: EPLayout, sizes: CapacitySizes, *, hard: bool = False
+):
     """V2's device-level dropping (Sec. 2.2.3): which assignments their receivers keep.
 
     1. each source ranks its assignments to each device by `_priority` and sends its best
        S = sizes.send_rows per device, [P, S] f32 (all_to_all): no device keeps more than S of
        one source's, since it keeps at most max(C, protected arrivals) <= S or all R <= S;
     2. each device keeps its budget C of best arrivals across all sources and every protected
-       one (`device_keep`); per source they are a prefix of its ranked rows, so the count
-       [P] int32 goes back (all_to_all), and each source keeps that many of its best.
+       one (`device_keep`; with `hard`, protected ones first but never past C); per source
+       they are a prefix of its ranked rows, so the count [P] int32 goes back (all_to_all),
+       and each source keeps that many of its best.
     Padding ranks last (-inf), is never kept and takes no room.
 
     Returns:
@@ -401,7 +407,7 @@ def _device_level_keep(r: Routing, klass, layout: EPLayout, sizes: CapacitySizes
     send_p = jnp.full((n_dev, S), -jnp.inf, prio.dtype)
     send_p = send_p.at[sorted_dest, slot].set(prio.reshape(-1)[order], mode="drop")  # [P, S]
     recv_p = _all_to_all(send_p, axes)  # [P, S]: block q came from source q
-    n_keep = device_keep(recv_p, sizes.budget).sum(-1, dtype=jnp.int32)  # [P] per source
+    n_keep = device_keep(recv_p, sizes.budget, hard=hard).sum(-1, dtype=jnp.int32)  # [P]
     n_keep = _all_to_all(n_keep, axes)  # [P]: how many of my best device p keeps
     return order, sorted_dest, slot, slot < n_keep[sorted_dest]  # slot S: never kept
 
@@ -456,7 +462,7 @@ def _ragged_exchange(
     if sizes.budget >= layout.ep_size * sizes.pair_rows:  # dropless, no extra collective
         dropped = jnp.zeros((), jnp.int32)
     else:
-        order, _, _, keep_sorted = _device_level_keep(r, klass, layout, sizes)
+        order, _, _, keep_sorted = _device_level_keep(r, klass, layout, sizes, hard=True)
         keep = jnp.zeros((M * K,), bool).at[order].set(keep_sorted)  # [M*K]
         dropped = (jnp.repeat(klass > 0, K) & ~keep).sum()
         flat_e = jnp.where(keep, flat_e, E)  # dropped rows sort last and are never sent
@@ -619,8 +625,9 @@ def expert_parallel_routed(
         buffer_factor sizes the ragged receive buffer).
       buffer_rows: the ragged path's budget C, its receive rows (default `ragged_buffer_rows`
         with parallel.buffer_factor); below the worst case P R, overflow follows V2's
-        device-level rule, and the buffer grows to hold every protected arrival (as the
-        capacity exchange's `CapacitySizes.recv_rows`).
+        device-level rule. The buffer is a hard bound: a protected sequence's rows rank first
+        but are dropped (and counted) when they alone overflow it; the capacity exchange
+        instead grows its `CapacitySizes.recv_rows` to keep every protected row.
       token_mask: [B, T] bool, False on padding: the dropping exchanges never send padding, so
         it takes no device budget (the dropless ragged one sends it); None = no padding.
     Returns:
@@ -651,14 +658,16 @@ def expert_parallel_routed(
     mask = jnp.ones((B, T), bool) if token_mask is None else token_mask.astype(bool)
     protect = protected_sequences(B, cfg.never_drop_share)  # [B] (V2 Sec. 2.3)
     klass = jnp.where(mask, jnp.where(jnp.asarray(protect)[:, None], 2, 1), 0).astype(jnp.int32)
-    B_l = B // layout.batch_shards
-    most = max(int(protect[i : i + B_l].sum()) for i in range(0, B, B_l)) * T
     if exchange == "capacity":
+        B_l = B // layout.batch_shards
+        most = max(int(protect[i : i + B_l].sum()) for i in range(0, B, B_l)) * T
         sizes = capacity_sizes(tokens, cfg, layout.ep_size, most)
     else:  # the ragged buffer is the budget C of the same device-level rule
         factor = parallel.buffer_factor
         budget = buffer_rows or ragged_buffer_rows(tokens, cfg, layout.ep_size, factor)
-        sizes = capacity_sizes(tokens, cfg, layout.ep_size, most, budget=budget)
+        # A hard bound: protected rows come first, but the buffer never grows for them (it
+        # would reach the worst case P R whenever one source holds a protected sequence).
+        sizes = capacity_sizes(tokens, cfg, layout.ep_size, budget=budget)
     router_def, router_w, router_rest = nnx.split(router, nnx.Param, ...)
     X = layout.batch_axes or None
     EX = layout.expert_axes or None

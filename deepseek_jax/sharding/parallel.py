@@ -66,7 +66,8 @@ class ParallelConfig:
       buffer_factor: receive rows of the ragged exchanges as a multiple of the mean load
         (`moe.expert_parallel.ragged_buffer_rows`); None = the worst case, which never drops.
         Below the worst case a device over it drops its lowest-affinity arrivals across all
-        sources, never a protected sequence's (V2 Sec. 2.2.3, as the capacity exchange).
+        sources (V2 Sec. 2.2.3); a protected sequence's rows come first, but the buffer is a
+        hard bound, so they too drop (counted) when they alone overflow it.
     """
 
     mesh: Mesh | AbstractMesh | None = None

@@ -33,6 +33,14 @@ def test_device_keep_by_hand():
     np.testing.assert_array_equal(np.asarray(keep), [[0, 0, 0], [0, 1, 0]])
     keep = ep.device_keep(prio, budget=10)  # nothing unsent is ever kept
     np.testing.assert_array_equal(np.asarray(keep), [[1, 1, 0], [1, 1, 1]])
+    # a hard budget (the ragged buffer): the protected row first, nothing past C
+    keep = ep.device_keep(prio, budget=1, hard=True)
+    np.testing.assert_array_equal(np.asarray(keep), [[0, 0, 0], [0, 1, 0]])
+    keep = ep.device_keep(prio, budget=0, hard=True)
+    np.testing.assert_array_equal(np.asarray(keep), [[0, 0, 0], [0, 0, 0]])
+    prio2 = jnp.array([[2.9, 2.2], [2.5, 0.1]])  # three protected rows, budget 2
+    keep = ep.device_keep(prio2, budget=2, hard=True)
+    np.testing.assert_array_equal(np.asarray(keep), [[1, 0], [1, 0]])
 
 
 def test_protected_sequences_share():
@@ -51,10 +59,11 @@ def block():
     return cfg, moe, x, mask
 
 
-def _expected_keep(r, cfg, mask, share, budget=None):
+def _expected_keep(r, cfg, mask, share, budget=None, hard=False):
     """The V2 rule in numpy: per EP group and receiving device, keep the C highest affinities
     (+ every protected sequence's) among all sources' real assignments (C = `budget`, default
-    ceil(capacity_factor M_l K))."""
+    ceil(capacity_factor M_l K)). `hard`: protected ones rank first but nothing past C stays
+    (the ragged exchange's buffer)."""
     E_l, K, M_l = cfg.n_routed_experts // P, cfg.num_experts_per_tok, T
     C = math.ceil(cfg.capacity_factor * M_l * K) if budget is None else budget
     experts, scores = np.asarray(r.experts), np.asarray(r.scores)
@@ -70,7 +79,7 @@ def _expected_keep(r, cfg, mask, share, budget=None):
             cand = [(m, k) for m, k in cand if real[m]]
             cand.sort(key=lambda mk: -(s[mk] + 2.0 * protect[mk[0]]))
             for i, (m, k) in enumerate(cand):
-                keep[m, k] = i < C or protect[m]
+                keep[m, k] = i < C or (protect[m] and not hard)
     return keep, real
 
 
@@ -199,19 +208,22 @@ def test_ragged_overflow_drops_lowest_affinity_across_sources(block, share, slop
     out, stats, g_x, g_w = _ragged_grads(moe, x, mask, factor)
 
     r = moe.router(x.reshape(-1, cfg.hidden_size))
-    keep, real = _expected_keep(r, small, mask, share, budget)
+    keep, real = _expected_keep(r, small, mask, share, budget, hard=True)
     n_real = real.sum() * K
     assert 0 < keep.sum() < n_real  # the case overflows
     # The case tells the rules apart: source order keeps other rows; padding counted as
     # candidates would take room from real rows; without protection others would be kept.
     assert (keep != _source_order_keep(r, cfg, mask, budget)).any()
     assert (
-        keep != _expected_keep(r, small, np.ones((B, T), bool), share, budget)[0] & real[:, None]
+        keep
+        != _expected_keep(r, small, np.ones((B, T), bool), share, budget, hard=True)[0]
+        & real[:, None]
     ).any()
     protect = ep.protected_sequences(B, share)[np.arange(B * T) // T][:, None] & real[:, None]
     if share:
+        # the protected rows fit the buffer here, so they all stay (first in line)
         assert keep[np.broadcast_to(protect, keep.shape)].all()
-        assert (keep != _expected_keep(r, small, mask, 0.0, budget)[0]).any()
+        assert (keep != _expected_keep(r, small, mask, 0.0, budget, hard=True)[0]).any()
 
     assert float(stats.dropped) == pytest.approx(1 - keep.sum() / n_real)
     ref_out, ref_gx, ref_gw = _kept_reference(moe, x, jnp.asarray(keep, jnp.float32))

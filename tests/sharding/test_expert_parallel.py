@@ -245,6 +245,22 @@ def test_ragged_priority_exchange_only_when_a_buffer_can_overflow(block):
     assert got[None] == 4 * P * 4  # the transposes' offsets only
 
 
+def test_ragged_buffer_stays_a_hard_bound_with_protected_sequences(block):
+    # With a buffer_factor the receive buffer is the budget itself: protected sequences (2 of
+    # 8 here, one source each) rank first but do not grow it to the worst case, as the
+    # capacity exchange's recv_rows would (4 x 6 x 2 rows).
+    cfg, moe, x = block
+    moe = nnx.merge(*nnx.split(moe))
+    moe.cfg = cfg.replace(never_drop_share=0.25)
+    mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
+    P, M_l, K, D = 4, B * T // 8, cfg.num_experts_per_tok, cfg.hidden_size
+    budget = ep.ragged_buffer_rows(M_l, cfg, P, 0.5)
+    assert budget < M_l * K < ep.capacity_sizes(M_l, moe.cfg, P, protected_tokens=T).recv_rows
+    traced, _ = _lower_block(moe, x, "ragged", mesh_cfg, False, 0.5)
+    c = collectives_from_jaxpr(traced.jaxpr, dict(make_mesh(mesh_cfg).shape))
+    assert c["ragged_all_to_all"].operand_bytes == 2 * budget * D * 4  # min(sent, buffer) rows
+
+
 # ---- node-limited routing, layouts, dispatch --------------------------------------------------
 def test_node_limited_routing_bounds_nodes_per_token(block):
     cfg, moe, x = block
