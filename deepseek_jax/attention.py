@@ -26,7 +26,7 @@ from flax import nnx
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.decode_cache import slot_mask, write_slots
 from deepseek_jax.layers import linear, param
-from deepseek_jax.mla import attention_mask
+from deepseek_jax.mla import attention_mask, causal_query_blocks
 from deepseek_jax.rope import apply_rope, rope_tables
 
 _NEG = -1e30  # finite "minus infinity" keeps fully-masked rows NaN-free
@@ -63,17 +63,28 @@ class Attention(nnx.Module):
         k = apply_rope(linear(x, self.wk[...], cfg), cos, sin, interleaved=cfg.rope_interleave)
         return q, k, linear(x, self.wv[...], cfg)
 
-    def _attend(self, q, k, v, mask):
-        """q [B, T, N, H], k/v [B, S, N_kv, H], mask broadcastable to [B, T, S] -> [B, T, D]."""
+    def _attend(self, q, k, v, mask, blocks=None):
+        """q [B, T, N, H], k/v [B, S, N_kv, H], mask broadcastable to [B, T, S] -> [B, T, D].
+
+        `blocks`: causal query blocks (`mla.causal_query_blocks`): rows [a, b) attend keys
+        [0, b) only; None = every query over all S keys.
+        """
         cfg = self.cfg
         B, T, N, H = q.shape
         K = k.shape[2]
         qg = q.reshape(B, T, K, N // K, H)  # query head i uses kv head i // (N / N_kv)
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None], scores * cfg.softmax_scale, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1)  # [B, N_kv, N/N_kv, T, S]
-        out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)  # [B, T, N_kv, G, H]
+        outs = []
+        for a, b in blocks or [(0, T)]:
+            e = None if blocks is None else b  # keys [0, e)
+            scores = jnp.einsum(
+                "btkgh,bskh->bkgts", qg[:, a:b], k[:, :e], preferred_element_type=jnp.float32
+            )
+            m = mask[:, None, None, a:b, :e]
+            scores = jnp.where(m, scores * cfg.softmax_scale, _NEG)
+            probs = jax.nn.softmax(scores, axis=-1)  # [B, N_kv, N/N_kv, b - a, S]
+            outs.append(jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v[:, :e]))
+        out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]  # [B, T, N_kv, G, H]
         out = out.reshape(B, T, N, H)
         return linear(out, self.wo[...], cfg, in_dims=2)  # [B, T, D]
 
@@ -89,7 +100,8 @@ class Attention(nnx.Module):
           [B, T, D].
         """
         q, k, v = self._qkv(x, positions)
-        return self._attend(q, k, v, attention_mask(segment_ids, x.shape[1]))
+        T = x.shape[1]
+        return self._attend(q, k, v, attention_mask(segment_ids, T), causal_query_blocks(T))
 
     def decode(
         self, x: jax.Array, positions: jax.Array, cache: KVCache

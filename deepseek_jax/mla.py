@@ -115,6 +115,23 @@ def attention_mask(segment_ids: jax.Array | None, T: int) -> jax.Array:
     return causal & same
 
 
+def causal_query_blocks(T: int) -> list[tuple[int, int]]:
+    """Query rows [a, b) of a causal attention, attended block by block over keys [0, b) only.
+
+    The blocks above the diagonal are all masked, so skipping them cuts the [T, T] score work
+    (products, mask, softmax and their gradients) to (n + 1) / 2n of it for n blocks: 62.5% for
+    4. The result is the same: a query's masked keys get probability 0 either way. Measured at
+    the CPU comparison's shape (B 8, 4 heads, T 256), the attention core's forward plus backward
+    took 0.57x the time (docs/benchmarks.md). n = 4 (or 2) blocks of at least 64 rows; one block
+    below that, where the extra products cost more than they save.
+    """
+    for n in (4, 2):
+        if T % n == 0 and T // n >= 64:
+            c = T // n
+            return [(i * c, (i + 1) * c) for i in range(n)]
+    return [(0, T)]
+
+
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -195,9 +212,15 @@ class MLA(nnx.Module):
             k_rope[:, :, None], (*k_rope.shape[:2], q.shape[2], k_rope.shape[-1])
         )
         k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)  # [B, S, N, nope + R]
-        scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-        probs = self._softmax(scores, attention_mask(segment_ids, T)[:, None])  # [B, N, T, S]
-        out = jnp.einsum("bnts,bsnv->btnv", probs.astype(v.dtype), v)  # [B, T, N, v]
+        mask = attention_mask(segment_ids, T)[:, None]  # [B or 1, 1, T, S]
+        outs = []
+        for a, b in causal_query_blocks(T):  # query rows [a, b) see keys [0, b) only
+            scores = jnp.einsum(
+                "btnh,bsnh->bnts", q[:, a:b], k[:, :b], preferred_element_type=jnp.float32
+            )
+            probs = self._softmax(scores, mask[:, :, a:b, :b])  # [B, N, b - a, b]
+            outs.append(jnp.einsum("bnts,bsnv->btnv", probs.astype(v.dtype), v[:, :b]))
+        out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]  # [B, T, N, v]
         return linear(out, self.wo[...], cfg, in_dims=2)  # [B, T, D]
 
     # ---- latent-cache (absorbed) path ---------------------------------------------------------

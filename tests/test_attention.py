@@ -195,3 +195,21 @@ def test_fp8_linear_runs_standard_attention():
     b = _call(DeepSeekModel(cfg.replace(fp8=True), rngs=nnx.Rngs(0)), ids).logits
     rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
     assert 1e-3 < rel < 2 * (2 / 3) ** 0.5 * 2**-4, rel
+
+
+def test_causal_query_blocks_match_numpy_on_long_packed_rows():
+    """T = 256: the causal attention runs in 4 query blocks (rows [a, b) over keys [0, b)); a
+    document boundary inside a block and one on a block edge; GQA."""
+    from deepseek_jax.mla import causal_query_blocks
+
+    assert causal_query_blocks(256) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    assert causal_query_blocks(128) == [(0, 64), (64, 128)] and causal_query_blocks(100) == [
+        (0, 100)
+    ]
+    cfg = _cfg(2)
+    attn = Attention(cfg, rngs=nnx.Rngs(0))
+    x = _x(cfg, T=256)
+    seg = np.array([[1] * 100 + [2] * 28 + [3] * 128, [1] * 256])
+    pos = np.array([[*range(100), *range(28), *range(128)], list(range(256))], np.int32)
+    out = _call(attn, x, jnp.asarray(pos), jnp.asarray(seg))
+    assert_close(out, numpy_attention(attn, cfg, x, pos, seg), **MODEL_FP32)

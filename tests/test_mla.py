@@ -85,10 +85,32 @@ def numpy_mla(attn, cfg, x, pos):
     return np.einsum("btnv,nvd->btd", out, p(attn.wo))
 
 
-def test_matches_numpy_equations(mla):
+@pytest.mark.parametrize("T", [7, 256])  # 256: four causal query blocks (causal_query_blocks)
+def test_matches_numpy_equations(mla, T):
     cfg, attn = mla
-    x, pos = _inputs(cfg, T=7)
-    assert_close(attn(x, pos), numpy_mla(attn, cfg, x, pos), **MODEL_FP32)
+    x, pos = _inputs(cfg, T=T)
+    out = nnx.jit(lambda m, x, p: m(x, p))(attn, x, pos)
+    assert_close(out, numpy_mla(attn, cfg, x, pos), **MODEL_FP32)
+
+
+def test_causal_query_blocks_keep_the_gradient(mla, monkeypatch):
+    """T = 128 in two query blocks: output and gradients (input and every weight) equal the
+    one-block attention over the full [T, T] scores; a document boundary inside block 2."""
+    import deepseek_jax.mla as mla_mod
+
+    cfg, attn = mla
+    x, pos = _inputs(cfg, T=128)
+    seg = jnp.array([[1] * 90 + [2] * 38, [1] * 128])
+    pos = jnp.where(seg == 2, pos - 90, pos)
+
+    def grads():
+        loss = lambda m, x: (m(x, pos, seg) ** 2).sum()
+        return jax.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(attn, x)
+
+    blocked = grads()
+    monkeypatch.setattr(mla_mod, "causal_query_blocks", lambda T: [(0, T)])
+    whole = grads()
+    jax.tree.map(lambda a, b: assert_close(a, b, **MODEL_FP32), blocked, whole)
 
 
 def test_packed_segments_equal_separate_sequences(mla):
