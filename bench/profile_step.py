@@ -33,6 +33,8 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_vs_torch import Ours, _cfg, _tokens  # noqa: E402
 
+from deepseek_jax.mla import causal_query_blocks  # noqa: E402
+
 _INSTR = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
@@ -86,9 +88,9 @@ def category(shape: tuple[int, ...], op_name: str, seq: int) -> tuple[str, str]:
         return "routed experts", phase
     if depth == 0:  # outside the layer scan: embedding, final norm, head, cross-entropy
         return "embed, head, loss", phase
-    if (len(shape) >= 2 and shape[-1] == seq and shape[-2] == seq) or re.search(
-        r"bnts|bsnv", op_name
-    ):
+    blocks = causal_query_blocks(seq)  # scores [.., b - a, b] per causal query block
+    block_shapes = {(b - a, b) for a, b in blocks} | {(seq, seq)}
+    if (len(shape) >= 2 and tuple(shape[-2:]) in block_shapes) or re.search(r"bnts|bsnv", op_name):
         return "attention scores", phase
     return "other layer ops", phase
 
@@ -99,6 +101,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=0, help="also list the N costliest ops")
     args = ap.parse_args()
     cfg = _cfg(args.impl)
     ours = Ours(args.impl, _tokens(cfg.vocab_size, args.batch, args.seq), 1e-3)
@@ -114,9 +117,11 @@ def main() -> None:
     trace = json.load(gzip.open(path))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     table = collections.defaultdict(float)
+    per_op = collections.Counter()
     for name, us in self_times(events).items():
         if name in ops:  # XLA ops only (not the Python or runtime frames)
             table[category(*ops[name], args.seq)] += us / 1e3 / args.steps
+            per_op[name] += us / 1e3 / args.steps
     total = sum(table.values())
     cats = [
         "routed experts",
@@ -135,6 +140,10 @@ def main() -> None:
     for c in cats:
         row = [table.get((c, p), 0.0) for p in ("forward", "backward", "outside")]
         print(f"| {c} | {row[0]:.0f} | {row[1]:.0f} | {row[2]:.0f} | {sum(row) / total:.0%} |")
+    for name, ms in per_op.most_common(args.top):
+        shape, op_name = ops[name]
+        part, phase = category(shape, op_name, args.seq)
+        print(f"{ms:7.1f} ms  {part} / {phase}  {name} {list(shape)}  {op_name[-110:]}")
 
 
 if __name__ == "__main__":
