@@ -14,6 +14,14 @@ from deepseek_jax.sharding.schedules import (
 from deepseek_jax.testing import MODEL_FP32, assert_close
 
 D, B_MB = 8, 3
+# Compile-time only (LLVM codegen effort): every case here is dominated by XLA:CPU compiles of
+# small computations, which run as fast at level 0.
+FAST_COMPILE = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+
+
+def _compiled(fn, *args):
+    """fn(*args) as one jit, compiled with FAST_COMPILE."""
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
 
 
 def toy_stage(params, shared, x, inp, is_first, is_last):
@@ -27,19 +35,23 @@ def toy_stage(params, shared, x, inp, is_first, is_last):
 
 
 def reference(stage_params, shared, inputs, PP):
+    """Loss, (stage, shared) grads and per-stage act_sums of the plain, unpipelined model: the
+    stages chained for each micro-batch (vmapped), one jit."""
+
     def loss_fn(sp, sh):
-        total = 0.0
-        n = inputs["x"].shape[0]
-        for m in range(n):
-            inp = jax.tree.map(lambda a, m=m: a[m], inputs)
-            x = jnp.zeros((B_MB, D))
+        def one(inp):
+            x, total, act_sums = jnp.zeros((B_MB, D)), 0.0, []
             for s in range(PP):
                 p = jax.tree.map(lambda a, s=s: a[s], sp)
-                x, loss, _ = toy_stage(p, sh, x, inp, s == 0, s == PP - 1)
-                total = total + loss / n
-        return total
+                x, loss, a = toy_stage(p, sh, x, inp, s == 0, s == PP - 1)
+                total, act_sums = total + loss, act_sums + [a["act_sum"]]
+            return total, jnp.stack(act_sums)
 
-    return jax.value_and_grad(loss_fn, argnums=(0, 1))(stage_params, shared)
+        losses, act_sums = jax.vmap(one)(inputs)  # [n_mb], [n_mb, PP]
+        return losses.mean(), act_sums.sum(0)
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    return _compiled(grad_fn, stage_params, shared)
 
 
 def _problem(PP, n_mb, seed=0):
@@ -73,23 +85,12 @@ def test_pipelined_loss_and_grads_equal_reference(name, PP, n_mb):
     )
     sp, sh, inp = _problem(PP, n_mb)
     act = jax.ShapeDtypeStruct((B_MB, D), jnp.float32)
-    loss, g_stage, g_shared, aux = jax.jit(
-        lambda a, b, c: pipeline_grads(toy_stage, a, b, c, act, schedule, mesh)
-    )(sp, sh, inp)
-    ref_loss, (ref_gs, ref_gsh) = reference(sp, sh, inp, PP)
+    loss, g_stage, g_shared, aux = _compiled(
+        lambda a, b, c: pipeline_grads(toy_stage, a, b, c, act, schedule, mesh), sp, sh, inp
+    )
     # Per-stage statistics summed over micro-batches, mirrored back to their stage for DualPipe.
-    ref_aux = []
-    for s in range(PP):
-        total = 0.0
-        for m in range(n_mb):
-            x = jnp.zeros((B_MB, D))
-            inp_m = jax.tree.map(lambda a, m=m: a[m], inp)
-            for k in range(s + 1):
-                p = jax.tree.map(lambda a, k=k: a[k], sp)
-                x, _, a = toy_stage(p, sh, x, inp_m, k == 0, k == PP - 1)
-            total = total + a["act_sum"]
-        ref_aux.append(total)
-    assert_close(aux["act_sum"], jnp.stack(ref_aux), **MODEL_FP32)
+    (ref_loss, ref_aux), (ref_gs, ref_gsh) = reference(sp, sh, inp, PP)
+    assert_close(aux["act_sum"], ref_aux, **MODEL_FP32)
     assert_close(loss, ref_loss, **MODEL_FP32)
     for a, b in zip(
         jax.tree.leaves((g_stage, g_shared)), jax.tree.leaves((ref_gs, ref_gsh)), strict=True
@@ -106,40 +107,34 @@ def test_lockstep_tables_cover_every_op_once():
     assert tab.num_steps < max(len(r) for r in sched.ranks) * 2
 
 
-# 1F1B on 2 stages of the DeepSeek model is held by tests/train/test_pipeline_train.py (three
-# optimizer steps equal the plain step's); every schedule runs on 2, 4 and 8 toy stages above.
-@pytest.mark.parametrize("name, PP, n_mb", [("ZB1P", 4, 4), ("DualPipe", 2, 4), ("DualPipe", 4, 8)])
-def test_deepseek_model_pipelined_equals_plain(name, PP, n_mb):
-    """MoE layers across stages, embedding + dense layer on the first, head + MTP on the last."""
+# The DeepSeek model: 4 MoE layers (split over 2 or 4 stages), embedding + dense layer on the first
+# stage, head + MTP on the last. Every case runs the same 16-row batch as 8 micro-batches, so one
+# plain-model reference (loss, main loss, expert counts, gradients) serves them all.
+N_MB, MODEL_B, MODEL_T = 8, 16, 8
+
+
+@pytest.fixture(scope="module")
+def deepseek():
+    """(cfg, lcfg, model, batch, reference): the reference is the mean over the micro-batches
+    (pipeline_stages.split_microbatches: micro-batch m holds rows m, m + N_MB, ...) of the plain
+    model's total loss, its main loss, the summed expert counts and the parameter gradients."""
     from flax import nnx
 
     from deepseek_jax.config import load_preset
     from deepseek_jax.losses import LossConfig, total_loss
     from deepseek_jax.model import DeepSeekModel
-    from deepseek_jax.pipeline_stages import pipelined_value_and_grad
 
     cfg = load_preset("v3-tiny").replace(num_hidden_layers=1 + 4, remat="none")
     model = DeepSeekModel(cfg, rngs=nnx.Rngs(0))
     lcfg = LossConfig(seq_balance_alpha=0.01, expert_balance_alpha=0.003)
-    B, T = 2 * n_mb, 8
-    ids = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)
+    ids = jax.random.randint(jax.random.key(1), (MODEL_B, MODEL_T), 0, cfg.vocab_size)
     batch = {
         "input_ids": ids,
         "labels": jnp.roll(ids, -1, 1),
-        "loss_mask": jnp.ones((B, T), jnp.float32).at[:, -1].set(0),
+        "loss_mask": jnp.ones((MODEL_B, MODEL_T), jnp.float32).at[:, -1].set(0),
     }
-    mesh = jax.make_mesh(
-        (PP,), ("stage",), devices=jax.devices()[:PP], axis_types=(jax.sharding.AxisType.Auto,)
-    )
-    schedule = BUILDERS[name](PP, n_mb)
-    loss, grads, counts, parts = jax.jit(
-        lambda b: pipelined_value_and_grad(model, b, schedule, mesh, lcfg)
-    )(batch)
-
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    # Micro-batch m holds rows m, m + n_mb, ... (pipeline_stages.split_microbatches).
-    mbs = jax.tree.map(lambda a: jnp.stack([a[m::n_mb] for m in range(n_mb)]), batch)
+    mbs = jax.tree.map(lambda a: jnp.stack([a[m::N_MB] for m in range(N_MB)]), batch)
 
     def ref_loss(p):  # mean over micro-batches of the plain model's total loss
         def one(_, mb):
@@ -150,13 +145,20 @@ def test_deepseek_model_pipelined_equals_plain(name, PP, n_mb):
         _, (losses, mains, counts) = jax.lax.scan(one, None, mbs)  # one compiled model
         return losses.mean(), (counts.sum(0), mains.mean())
 
-    (ref, (ref_counts, ref_main)), ref_grads = jax.jit(jax.value_and_grad(ref_loss, has_aux=True))(
-        params
-    )
+    ref = _compiled(jax.value_and_grad(ref_loss, has_aux=True), params)
+    return cfg, lcfg, model, batch, ref
+
+
+def _check_against_reference(deepseek, loss, grads, counts, parts):
+    from flax import nnx
+
+    (ref, (ref_counts, ref_main)), ref_grads = deepseek[-1]
     assert_close(loss, ref, **MODEL_FP32)
     assert_close(parts["main_loss"], ref_main, **MODEL_FP32)
     assert_close(counts, ref_counts)
     flat = dict(nnx.to_flat_state(grads))
+    paths = [path for path, _ in nnx.to_flat_state(ref_grads)]
+    assert set(flat) == set(paths)  # a gradient for every parameter
     for path, g in nnx.to_flat_state(ref_grads):
         assert_close(
             flat[path][...] if hasattr(flat[path], "get_value") else flat[path],
@@ -165,18 +167,32 @@ def test_deepseek_model_pipelined_equals_plain(name, PP, n_mb):
         )
 
 
-def test_pipeline_with_experts_sharded_inside_each_stage():
+# 1F1B on 2 stages of the DeepSeek model runs below with the experts sharded inside each stage,
+# and tests/train/test_pipeline_train.py trains with it (three optimizer steps equal the plain
+# step's); every schedule runs on 2, 4 and 8 toy stages above.
+@pytest.mark.parametrize("name, PP", [("ZB1P", 4), ("DualPipe", 2), ("DualPipe", 4)])
+def test_deepseek_model_pipelined_equals_plain(deepseek, name, PP):
+    """MoE layers across stages, embedding + dense layer on the first, head + MTP on the last."""
+    from deepseek_jax.pipeline_stages import pipelined_value_and_grad
+
+    _, lcfg, model, batch, _ = deepseek
+    mesh = jax.make_mesh(
+        (PP,), ("stage",), devices=jax.devices()[:PP], axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    schedule = BUILDERS[name](PP, N_MB)
+    out = _compiled(lambda b: pipelined_value_and_grad(model, b, schedule, mesh, lcfg), batch)
+    _check_against_reference(deepseek, *out)
+
+
+def test_pipeline_with_experts_sharded_inside_each_stage(deepseek):
     """A stage x expert mesh: the routed experts of each stage split over the expert axis."""
     from flax import nnx
 
-    from deepseek_jax.config import load_preset
-    from deepseek_jax.losses import LossConfig, total_loss
-    from deepseek_jax.model import DeepSeekModel
     from deepseek_jax.pipeline_stages import pipelined_value_and_grad
     from deepseek_jax.sharding.rules import get_rules, param_shardings
 
-    cfg = load_preset("v3-tiny").replace(num_hidden_layers=3, remat="none")
-    model = DeepSeekModel(cfg, rngs=nnx.Rngs(0))
+    _, lcfg, model, batch, _ = deepseek
+    model = nnx.clone(model)  # the fixture's parameters, sharded here (the fixture's stay put)
     mesh = jax.make_mesh(
         (2, 2),
         ("stage", "expert"),
@@ -186,24 +202,6 @@ def test_pipeline_with_experts_sharded_inside_each_stage():
     state = nnx.state(model)
     nnx.update(model, jax.device_put(state, param_shardings(state, mesh, get_rules("ep"))))
     assert model.moe_layers.ffn.w_gate[...].sharding.spec[1] == "expert"
-    lcfg = LossConfig()
-    ids = jax.random.randint(jax.random.key(1), (4, 8), 0, cfg.vocab_size)
-    batch = {"input_ids": ids, "labels": jnp.roll(ids, -1, 1)}
-    sched = one_f_one_b_schedule(2, 2)
-    loss, grads, _, _ = jax.jit(lambda b: pipelined_value_and_grad(model, b, sched, mesh, lcfg))(
-        batch
-    )
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def ref(p):
-        mbs = [jax.tree.map(lambda a, m=m: a[m::2], batch) for m in range(2)]
-        return sum(
-            total_loss(nnx.merge(graphdef, p, rest)(mb["input_ids"]), mb, cfg, lcfg)[0] / 2
-            for mb in mbs
-        )
-
-    ref_loss, ref_grads = jax.jit(jax.value_and_grad(ref))(params)
-    assert_close(loss, ref_loss, **MODEL_FP32)
-    flat = dict(nnx.to_flat_state(grads))
-    for path, g in nnx.to_flat_state(ref_grads):
-        assert_close(flat[path][...], g[...], **MODEL_FP32)
+    sched = one_f_one_b_schedule(2, N_MB)
+    out = _compiled(lambda b: pipelined_value_and_grad(model, b, sched, mesh, lcfg), batch)
+    _check_against_reference(deepseek, *out)
