@@ -75,3 +75,52 @@ def test_all_unreadable_is_an_error(tmp_path):
         ckpt.restore(bigger)
     assert ckpt.all_steps() == [1, 2]  # nothing was moved aside
     ckpt.close()
+
+
+def _replicated(scale):
+    """_state(scale) replicated over the 8 CPU devices, as data-parallel training holds it."""
+    rep = jax.NamedSharding(jax.make_mesh((8,), ("data",)), jax.P())
+    state = _state(scale)
+    state["params"]["w"] = jnp.full((16, 8), scale)  # a dimension that 8 replicas can split
+    return jax.device_put(state, rep)
+
+
+def test_replicated_small_arrays_are_saved_whole(tmp_path, caplog):
+    # Orbax's replica-parallel save slices each replicated array per replica with eager ops, one
+    # compile per shape and device (~12 s per save of a tiny model); small arrays skip it.
+    ckpt = Checkpointer(str(tmp_path), CheckpointConfig(keep=5))
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        ckpt.save(2, _replicated(2.0), {"batches": 2}, wait=True)
+    assert not [r for r in caplog.records if "slice" in r.getMessage()]
+    step, state, _ = ckpt.restore(_replicated(0.0))
+    assert step == 2
+    chex.assert_trees_all_equal(state, _replicated(2.0))
+    assert state["params"]["w"].sharding.is_fully_replicated
+    ckpt.close()
+
+
+def test_restores_a_standard_save_checkpoint(tmp_path):
+    # Checkpoints written before the state item moved from StandardSave to PyTreeSave (same files).
+    import orbax.checkpoint as ocp
+
+    from deepseek_jax.train.checkpoint import DataStateSave, array_checksums
+
+    state = _replicated(4.0)
+    manager = ocp.CheckpointManager(
+        str(tmp_path),
+        options=ocp.CheckpointManagerOptions(create=True),
+        item_names=("state", "data", "meta"),
+    )
+    meta = {"step": 4, "checksums": array_checksums(state)}
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=DataStateSave({"batches": 4}),
+        meta=ocp.args.JsonSave(meta),
+    )
+    manager.save(4, args=args)
+    manager.wait_until_finished()
+    manager.close()
+    ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
+    step, restored, data = ckpt.restore(_replicated(0.0))
+    assert (step, data) == (4, {"batches": 4})
+    chex.assert_trees_all_equal(restored, state)

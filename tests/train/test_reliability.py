@@ -37,6 +37,15 @@ TINY = [
     "train.log_every=1",
 ]
 
+# The train-step tests below need only some step to compile: one MoE layer, no dense layer, no
+# MTP (about half the compile time of TINY's model).
+ONE_MOE_LAYER = [
+    *TINY,
+    "model.num_hidden_layers=1",
+    "model.first_k_dense_replace=0",
+    "model.num_nextn_predict_layers=0",
+]
+
 
 # ---- 1. run lock ---------------------------------------------------------------------------------
 HOLDER = textwrap.dedent(
@@ -143,7 +152,7 @@ def test_malformed_override_is_a_clear_error():
 def test_non_finite_update_is_skipped_and_state_kept():
     from deepseek_jax.train.step import init_train_state, make_train_step
 
-    cfg = load_run_config(None, TINY)
+    cfg = load_run_config(None, ONE_MOE_LAYER)
     graphdef, state = init_train_state(cfg.model, cfg.train, seed=0)
 
     # A damaged second moment (negative, as after a flipped sign bit): loss and gradient are
@@ -170,7 +179,7 @@ def test_consecutive_skips_stop_the_run_keeping_the_last_good_checkpoint(tmp_pat
 
     cfg = load_run_config(
         None,
-        [*TINY, f"train.run_dir={tmp_path}", "train.steps=5", "train.warmup_steps=0"]
+        [*ONE_MOE_LAYER, f"train.run_dir={tmp_path}", "train.steps=5", "train.warmup_steps=0"]
         + ["train.schedule=constant", "train.max_consecutive_skips=2", "checkpoint.every=1"],
     )
     # lr=nan cannot be configured any more (validated); force it to poison every update.

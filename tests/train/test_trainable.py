@@ -28,7 +28,8 @@ def _batch(vocab):
 
 
 def test_only_mtp_learns_and_main_weights_are_bit_identical():
-    cfg = load_preset("v3-tiny").replace(num_hidden_layers=2, remat="none")
+    # One MoE layer (no dense layer) under the MTP module: half the compile of two layers.
+    cfg = load_preset("v3-tiny").replace(num_hidden_layers=1, first_k_dense_replace=0, remat="none")
     tcfg = TrainConfig(
         steps=40, lr=1e-2, warmup_steps=0, schedule="constant", bias_update_speed=0.0,
         trainable="mtp",
@@ -72,7 +73,8 @@ def test_init_from_a_run_then_train_only_mtp(tmp_path):
     from deepseek_jax.train.loop import run
 
     base = [
-        "model.preset=v3-tiny", "model.num_hidden_layers=2", "model.vocab_size=264",
+        "model.preset=v3-tiny", "model.num_hidden_layers=1", "model.first_k_dense_replace=0",
+        "model.vocab_size=264",
         "model.remat=none", "data.tokenizer=null", "data.seq_len=32",
         "data.global_batch_size=8", "mesh.rules=dp", "train.steps=1", "train.progress=false",
         "train.data_layout=global", "train.tensorboard=false",
