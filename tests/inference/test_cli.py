@@ -8,7 +8,8 @@ from deepseek_jax.inference.text import render_chat
 
 OVERRIDES = [
     "model.preset=v3-tiny",
-    "model.num_hidden_layers=2",
+    "model.num_hidden_layers=1",  # one MoE layer (no dense one) under the MTP module
+    "model.first_k_dense_replace=0",
     "model.vocab_size=264",
     "model.remat=none",
     "data.tokenizer=null",  # UTF-8 bytes
