@@ -35,7 +35,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
-from orbax.checkpoint._src.metadata import array_metadata_store
+
+try:  # private in orbax (no public alias); only the save-time tuning below depends on it
+    from orbax.checkpoint._src.metadata import array_metadata_store
+except ImportError:  # a later orbax moved it: save with orbax's own handler (same files)
+    array_metadata_store = None
 
 from deepseek_jax.train.config import CheckpointConfig
 
@@ -138,6 +142,8 @@ MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
     """Orbax's standard array handlers, with replica-parallel writes only for large slices."""
+    if array_metadata_store is None:
+        return ocp.PyTreeCheckpointHandler()
     th = ocp.type_handlers
     registry = th.create_type_handler_registry(
         *[(t, th.ScalarHandler()) for t in (int, float, bytes, np.number)],

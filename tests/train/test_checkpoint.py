@@ -124,3 +124,21 @@ def test_restores_a_standard_save_checkpoint(tmp_path):
     step, restored, data = ckpt.restore(_replicated(0.0))
     assert (step, data) == (4, {"batches": 4})
     chex.assert_trees_all_equal(restored, state)
+
+
+def test_round_trip_with_orbax_default_handler(tmp_path, monkeypatch):
+    # The save-time tuning needs a private orbax module; without it (a later orbax) the state is
+    # written by orbax's own handler, and a checkpoint of either kind restores.
+    from deepseek_jax.train import checkpoint
+
+    tuned = Checkpointer(str(tmp_path), CheckpointConfig(keep=5))
+    tuned.save(1, _replicated(1.0), {"batches": 1}, wait=True)
+    tuned.close()
+    monkeypatch.setattr(checkpoint, "array_metadata_store", None)
+    plain = Checkpointer(str(tmp_path), CheckpointConfig(keep=5))
+    assert plain.restore(_replicated(0.0))[0] == 1
+    plain.save(2, _replicated(2.0), {"batches": 2}, wait=True)
+    step, state, data = plain.restore(_replicated(0.0))
+    assert step == 2 and data == {"batches": 2}
+    chex.assert_trees_all_equal(state, _replicated(2.0))
+    plain.close()
