@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from deepseek_jax import scaling
 from deepseek_jax.config import ModelConfig, load_preset
 from deepseek_jax.losses import LossConfig
-from deepseek_jax.moe import expert_parallel
+from deepseek_jax.moe import ep_plan, expert_parallel
 from deepseek_jax.params import count_params
 from deepseek_jax.sharding.mesh import AXES, MeshConfig, abstract_mesh
 from deepseek_jax.sharding.parallel import Exchange, ParallelConfig, splits_tokens_or_experts
@@ -392,9 +392,9 @@ def plan(
     if not cfg.is_moe:  # dense models (DeepSeek LLM): no expert exchange
         rows = 0
     elif exchange == "capacity":
-        rows = expert_parallel.capacity_sizes(M_l, cfg, layout.ep_size).recv_rows
+        rows = ep_plan.capacity_sizes(M_l, cfg, layout.ep_size).recv_rows
     else:
-        rows = expert_parallel.ragged_buffer_rows(M_l, cfg, layout.ep_size, buffer_factor)
+        rows = ep_plan.ragged_buffer_rows(M_l, cfg, layout.ep_size, buffer_factor)
     act = _activation_estimate(cfg, mesh_shape, rules, B_l, seq, rows if cfg.is_moe else 0)
     act_note = "estimate: saved layer inputs + logits and their gradient + one layer's peak"
     stage_note = ""

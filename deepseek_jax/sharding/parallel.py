@@ -64,7 +64,7 @@ class ParallelConfig:
       exchange: 'none' (the single-device MoE, partitioned by GSPMD), or the expert-parallel
         all-to-all: 'ragged', 'ragged_emulated' (CPU: all-gather emulation), 'capacity'.
       buffer_factor: receive rows of the ragged exchanges as a multiple of the mean load
-        (`moe.expert_parallel.ragged_buffer_rows`); None = the worst case, which never drops.
+        (`moe.ep_plan.ragged_buffer_rows`); None = the worst case, which never drops.
         Below the worst case a device over it drops its lowest-affinity arrivals across all
         sources (V2 Sec. 2.2.3); a protected sequence's rows come first, but the buffer is a
         hard bound, so they too drop (counted) when they alone overflow it.

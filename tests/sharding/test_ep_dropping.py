@@ -12,8 +12,7 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import load_preset
-from deepseek_jax.moe import MoE, routed_dropless
-from deepseek_jax.moe import expert_parallel as ep
+from deepseek_jax.moe import MoE, ep_plan, routed_dropless
 from deepseek_jax.moe.router import Routing
 from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
 from deepseek_jax.sharding.parallel import ParallelConfig
@@ -27,26 +26,26 @@ MESH = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
 def test_device_keep_by_hand():
     inf = -jnp.inf
     prio = jnp.array([[0.9, 0.2, inf], [0.5, 2.1, 0.3]])  # 2 sources x 3 rows; 2.1 protected
-    keep = ep.device_keep(prio, budget=2)
+    keep = ep_plan.device_keep(prio, budget=2)
     np.testing.assert_array_equal(np.asarray(keep), [[1, 0, 0], [0, 1, 0]])
-    keep = ep.device_keep(prio, budget=0)  # no budget at all: the protected row still stays
+    keep = ep_plan.device_keep(prio, budget=0)  # no budget at all: the protected row still stays
     np.testing.assert_array_equal(np.asarray(keep), [[0, 0, 0], [0, 1, 0]])
-    keep = ep.device_keep(prio, budget=10)  # nothing unsent is ever kept
+    keep = ep_plan.device_keep(prio, budget=10)  # nothing unsent is ever kept
     np.testing.assert_array_equal(np.asarray(keep), [[1, 1, 0], [1, 1, 1]])
     # a hard budget (the ragged buffer): the protected row first, nothing past C
-    keep = ep.device_keep(prio, budget=1, hard=True)
+    keep = ep_plan.device_keep(prio, budget=1, hard=True)
     np.testing.assert_array_equal(np.asarray(keep), [[0, 0, 0], [0, 1, 0]])
-    keep = ep.device_keep(prio, budget=0, hard=True)
+    keep = ep_plan.device_keep(prio, budget=0, hard=True)
     np.testing.assert_array_equal(np.asarray(keep), [[0, 0, 0], [0, 0, 0]])
     prio2 = jnp.array([[2.9, 2.2], [2.5, 0.1]])  # three protected rows, budget 2
-    keep = ep.device_keep(prio2, budget=2, hard=True)
+    keep = ep_plan.device_keep(prio2, budget=2, hard=True)
     np.testing.assert_array_equal(np.asarray(keep), [[1, 0], [1, 0]])
 
 
 def test_protected_sequences_share():
-    np.testing.assert_array_equal(ep.protected_sequences(8, 0.25), [0, 0, 0, 1, 0, 0, 0, 1])
-    assert ep.protected_sequences(100, 0.1).sum() == 10
-    assert not ep.protected_sequences(8, 0.0).any()
+    np.testing.assert_array_equal(ep_plan.protected_sequences(8, 0.25), [0, 0, 0, 1, 0, 0, 0, 1])
+    assert ep_plan.protected_sequences(100, 0.1).sum() == 10
+    assert not ep_plan.protected_sequences(8, 0.0).any()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def _expected_keep(r, cfg, mask, share, budget=None, hard=False):
     experts, scores = np.asarray(r.experts), np.asarray(r.scores)
     s = np.take_along_axis(scores, experts, 1)  # [M, K] raw affinities
     seq = np.arange(B * T) // T
-    protect = ep.protected_sequences(B, share)[seq]
+    protect = ep_plan.protected_sequences(B, share)[seq]
     real = np.asarray(mask).reshape(-1)
     keep = np.zeros_like(s, bool)
     for g in range(GROUPS):
@@ -135,13 +134,13 @@ def test_no_device_over_budget_drops_nothing(block):
 
 def test_capacity_sizes():
     cfg = load_preset("v3-tiny")  # K=2, E=8
-    sz = ep.capacity_sizes(6, cfg.replace(capacity_factor=0.5), ep_size=4)
-    assert sz == ep.CapacitySizes(budget=6, pair_rows=12, send_rows=6, recv_rows=6)
-    sz = ep.capacity_sizes(6, cfg.replace(capacity_factor=0.5), ep_size=4, protected_tokens=6)
+    sz = ep_plan.capacity_sizes(6, cfg.replace(capacity_factor=0.5), ep_size=4)
+    assert sz == ep_plan.CapacitySizes(budget=6, pair_rows=12, send_rows=6, recv_rows=6)
+    sz = ep_plan.capacity_sizes(6, cfg.replace(capacity_factor=0.5), ep_size=4, protected_tokens=6)
     assert sz.recv_rows == 4 * 6 * 2 and sz.send_rows == 12  # every protected arrival fits
     # The ragged exchange's budget is its buffer rows, whatever the capacity factor.
-    sz = ep.capacity_sizes(6, cfg.replace(capacity_factor=9.0), ep_size=4, budget=6)
-    assert sz == ep.CapacitySizes(budget=6, pair_rows=12, send_rows=6, recv_rows=6)
+    sz = ep_plan.capacity_sizes(6, cfg.replace(capacity_factor=9.0), ep_size=4, budget=6)
+    assert sz == ep_plan.CapacitySizes(budget=6, pair_rows=12, send_rows=6, recv_rows=6)
 
 
 # ---- the ragged exchange with a receive buffer below the worst case ---------------------------
@@ -219,7 +218,7 @@ def test_ragged_overflow_drops_lowest_affinity_across_sources(block, share, slop
         != _expected_keep(r, small, np.ones((B, T), bool), share, budget, hard=True)[0]
         & real[:, None]
     ).any()
-    protect = ep.protected_sequences(B, share)[np.arange(B * T) // T][:, None] & real[:, None]
+    protect = ep_plan.protected_sequences(B, share)[np.arange(B * T) // T][:, None] & real[:, None]
     if share:
         # the protected rows fit the buffer here, so they all stay (first in line)
         assert keep[np.broadcast_to(protect, keep.shape)].all()

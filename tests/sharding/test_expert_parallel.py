@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.config import load_preset
-from deepseek_jax.moe import MoE
+from deepseek_jax.moe import MoE, ep_plan
 from deepseek_jax.moe import expert_parallel as ep
 from deepseek_jax.moe.router import route
 from deepseek_jax.plan import collectives_from_jaxpr, collectives_from_stablehlo
@@ -63,7 +63,7 @@ def test_capacity_layout_drops_lowest_affinity_per_device():
     # Five assignments (K=1) to device 0 and one to device 1; 2 slots per device.
     dest = jnp.array([[0], [0], [1], [0], [0], [0]])
     w = jnp.array([[0.1], [0.9], [0.3], [0.5], [0.7], [0.2]])
-    order, sorted_dest, slot, keep = ep.capacity_layout(dest, w, n_dev=2, capacity=2)
+    order, sorted_dest, slot, keep = ep_plan.capacity_layout(dest, w, n_dev=2, capacity=2)
     np.testing.assert_array_equal(np.asarray(keep[:, 0]), [0, 1, 1, 0, 1, 0])
     np.testing.assert_array_equal(np.asarray(order), [1, 4, 3, 5, 0, 2])  # device, then -w
     np.testing.assert_array_equal(np.asarray(sorted_dest), [0, 0, 0, 0, 0, 1])
@@ -76,7 +76,7 @@ def _simulate_ragged(experts_per_src, E, n_dev, buffer_rows):
     Payload rows are (source, assignment id, expert), so where each row lands can be checked.
     """
     counts = np.stack([np.bincount(e.reshape(-1), minlength=E) for e in experts_per_src])
-    plan = jax.jit(ep.ragged_plan, static_argnums=2)
+    plan = jax.jit(ep_plan.ragged_plan, static_argnums=2)
     plans = [plan(jnp.asarray(counts), jnp.int32(me), buffer_rows) for me in range(n_dev)]
     plans = [jax.tree.map(np.asarray, p) for p in plans]
     bufs = [np.full((buffer_rows, 3), -1) for _ in range(n_dev)]
@@ -115,7 +115,7 @@ def test_ragged_plan_matches_capacity_layout(tight):
             # The capacity layout (ample C) puts source q's rows for d in block q of d's
             # receive buffer; the ragged buffer holds the same assignments.
             dest = jnp.asarray(experts[q] // E_l)
-            order, sd, slot, keep = ep.capacity_layout(dest, jnp.ones((M, K)), n_dev, M * K)
+            order, sd, slot, keep = ep_plan.capacity_layout(dest, jnp.ones((M, K)), n_dev, M * K)
             cap_rows = set(np.asarray(order)[np.asarray(sd) == d].tolist())
             assert set(got[got[:, 0] == q][:, 1].tolist()) == cap_rows
 
@@ -135,7 +135,7 @@ def test_emulated_ragged_all_to_all_matches_jax_docstring_example():
     ]
     P = jax.P("x")
     f = jax.shard_map(
-        lambda *a: ep.ragged_all_to_all_emulated(*(v[0] for v in a), axis_name="x")[None],
+        lambda *a: ep_plan.ragged_all_to_all_emulated(*(v[0] for v in a), axis_name="x")[None],
         mesh=mesh,
         in_specs=(P,) * 6,
         out_specs=P,
@@ -191,7 +191,7 @@ def test_all_to_all_bytes_match_analytic_count(block):
     mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
     P, D = 4, cfg.hidden_size
     M_l = B * T // 8
-    sizes = ep.capacity_sizes(M_l, cfg, P)
+    sizes = ep_plan.capacity_sizes(M_l, cfg, P)
     send = P * sizes.send_rows * D * 4  # one [P, S, D] fp32 buffer
     ids = P * sizes.send_rows * 4  # its int32 expert ids
     verdicts = P * sizes.send_rows * 4 + P * 4  # fp32 priorities out, int32 keep counts back
@@ -229,7 +229,9 @@ def test_ragged_priority_exchange_only_when_a_buffer_can_overflow(block):
     mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
     P, M_l, K, D = 4, B * T // 8, cfg.num_experts_per_tok, cfg.hidden_size
     shape = dict(make_mesh(mesh_cfg).shape)
-    S = ep.capacity_sizes(M_l, cfg, P, budget=ep.ragged_buffer_rows(M_l, cfg, P, 0.5)).send_rows
+    S = ep_plan.capacity_sizes(
+        M_l, cfg, P, budget=ep_plan.ragged_buffer_rows(M_l, cfg, P, 0.5)
+    ).send_rows
     assert S < M_l * K
     for grad in (False, True):
         got = {}
@@ -254,8 +256,8 @@ def test_ragged_buffer_stays_a_hard_bound_with_protected_sequences(block):
     moe.cfg = cfg.replace(never_drop_share=0.25)
     mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
     P, M_l, K, D = 4, B * T // 8, cfg.num_experts_per_tok, cfg.hidden_size
-    budget = ep.ragged_buffer_rows(M_l, cfg, P, 0.5)
-    assert budget < M_l * K < ep.capacity_sizes(M_l, moe.cfg, P, protected_tokens=T).recv_rows
+    budget = ep_plan.ragged_buffer_rows(M_l, cfg, P, 0.5)
+    assert budget < M_l * K < ep_plan.capacity_sizes(M_l, moe.cfg, P, protected_tokens=T).recv_rows
     traced, _ = _lower_block(moe, x, "ragged", mesh_cfg, False, 0.5)
     c = collectives_from_jaxpr(traced.jaxpr, dict(make_mesh(mesh_cfg).shape))
     assert c["ragged_all_to_all"].operand_bytes == 2 * budget * D * 4  # min(sent, buffer) rows
