@@ -19,11 +19,13 @@ def _normal(shape, seed, dtype=jnp.float32):
 
 
 # (name, experts [M, K]): balanced; every token on experts 0 and 1 (experts 2, 3 empty, group
-# sizes far from tile multiples); a single token.
+# sizes far from tile multiples); a single token; long groups of 23, 13 and 10 tiles of 8 rows,
+# which the product takes in chunks of 8 + 8 + 4 + 2 + 1, 8 + 4 + 1 and 8 + 2 tiles.
 ROUTINGS = {
     "spread": np.random.default_rng(3).permuted(np.tile(np.arange(E), (19, 1)), axis=1)[:, :2],
     "skewed": np.tile([1, 0], (21, 1)),
     "single": np.array([[3, 1]]),
+    "long": np.stack([np.zeros(184, int), np.repeat([1, 2], [104, 80])], 1),
 }
 
 
@@ -53,7 +55,7 @@ def test_layout_places_every_assignment_once_in_a_tile_of_its_group(name):
         assert (np.diff(slot[np.asarray(experts) == e]) > 0).all()
 
 
-@pytest.mark.parametrize("name", ["skewed"])
+@pytest.mark.parametrize("name", ["skewed", "long"])
 def test_block_gmm_matches_ragged_dot_and_reference_forward_and_vjp(name):
     experts = jnp.asarray(ROUTINGS[name].reshape(-1), jnp.int32)
     R = experts.shape[0]
