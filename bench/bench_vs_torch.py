@@ -40,17 +40,22 @@ def _tokens(vocab: int, B: int, T: int) -> np.ndarray:
     return np.random.default_rng(0).integers(3, vocab, (B, T + 1)).astype(np.int32)
 
 
-def _cfg(impl: str):
+def _cfg(impl: str, scan_layers: bool = False):
+    """configs/train-v3-small.yaml's model settings (no remat, layers looped), without MTP."""
     return load_preset("v3-small").replace(
-        num_nextn_predict_layers=0, moe_impl=impl, remat="none", dtype="float32"
+        num_nextn_predict_layers=0,
+        moe_impl=impl,
+        remat="none",
+        scan_layers=scan_layers,
+        dtype="float32",
     )
 
 
 class Ours:
     """Our jitted train step and forward, one MoE implementation."""
 
-    def __init__(self, impl: str, ids: np.ndarray, lr: float):
-        cfg = _cfg(impl)
+    def __init__(self, impl: str, ids: np.ndarray, lr: float, scan_layers: bool = False):
+        cfg = _cfg(impl, scan_layers)
         tcfg = TrainConfig(steps=1000, lr=lr, warmup_steps=0, schedule="constant")
         self.graphdef, self.state = init_train_state(cfg, tcfg, seed=0)
         self.step_fn = make_train_step(cfg, LossConfig(mtp_lambda=0.0), tcfg, self.graphdef)

@@ -2,15 +2,19 @@
 steps, each XLA op's self time (its trace event minus the ops nested in it) grouped by what it
 computes, read from the compiled HLO (op shapes and `op_name` metadata):
 
-  * routed experts    - the block-sparse expert GEMM's tile loop (a `while` inside the layer scan);
+  * routed experts    - the block-sparse expert GEMM's loops (named scope "block_gmm");
   * attention scores  - the score / value einsums and ops on [.., T, T] arrays (mask, softmax);
-  * embed, head, loss - forward/backward ops outside the layer scan;
+  * embed, head, loss - forward/backward ops outside the layers (named scopes "layer<i>", "layers");
   * other layer ops   - projections, norms, rope, gate, token dispatch/combine, shared expert;
-  * residual buffers  - XLA's zero-fill of the layer scan's stacked residuals (no op_name);
+  * residual buffers  - XLA's zero-fill of a layer scan's stacked residuals (no op_name; only with
+                        --scan: the CPU config loops over its 4 layers instead);
   * optimizer/update  - ops outside the forward and backward (AdamW, clipping, bias update).
 
-Forward (`jvp`) and backward (`transpose(jvp)`) are reported apart. Shape: the CPU comparison's
-(bench/bench_vs_torch.py: v3-small without MTP, fp32, B x T = 8 x 256).
+Forward (`jvp`) and backward (`transpose(jvp)`) are reported apart. XLA:CPU may run independent
+ops at the same time on its threads, so the parts can overlap and their sum exceed the step's
+wall time: compare changes end to end (bench/bench_vs_torch.py), not by this table alone.
+Shape and settings: the CPU comparison's (bench/bench_vs_torch.py: v3-small without MTP, fp32,
+B x T = 8 x 256, layers looped as in configs/train-v3-small.yaml; --scan scans them).
 
     python bench/profile_step.py                     # dropless (the CPU default)
     python bench/profile_step.py --impl capacity --batch 4 --seq 128
@@ -75,7 +79,7 @@ def self_times(events: list[dict]) -> collections.Counter:
 
 def category(shape: tuple[int, ...], op_name: str, seq: int) -> tuple[str, str]:
     if not op_name:
-        # XLA's zero-fill of the layer scan's stacked residual buffers carries no op_name
+        # XLA's zero-fill of a layer scan's stacked residual buffers carries no op_name
         return "residual buffers", "outside"
     if "transpose(jvp" in op_name:
         phase = "backward"
@@ -83,10 +87,9 @@ def category(shape: tuple[int, ...], op_name: str, seq: int) -> tuple[str, str]:
         phase = "forward"
     else:
         return "optimizer/update", "outside"
-    depth = op_name.count("while/body")
-    if depth >= 2:  # the expert tile loop inside the layer scan
+    if "block_gmm" in op_name:  # the expert GEMM's loops (kernels/block_grouped_matmul.py)
         return "routed experts", phase
-    if depth == 0:  # outside the layer scan: embedding, final norm, head, cross-entropy
+    if "layer" not in op_name:  # outside the layers' named scopes: embedding, head, loss
         return "embed, head, loss", phase
     blocks = causal_query_blocks(seq)  # scores [.., b - a, b] per causal query block
     block_shapes = {(b - a, b) for a, b in blocks} | {(seq, seq)}
@@ -102,9 +105,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=0, help="also list the N costliest ops")
+    ap.add_argument("--scan", action="store_true", help="scan the layers (model.scan_layers)")
     args = ap.parse_args()
     cfg = _cfg(args.impl)
-    ours = Ours(args.impl, _tokens(cfg.vocab_size, args.batch, args.seq), 1e-3)
+    ours = Ours(args.impl, _tokens(cfg.vocab_size, args.batch, args.seq), 1e-3, args.scan)
     ours.step()
     ours.step()  # compiled and warm
     ops = hlo_ops(ours.step_fn.lower(ours.state, ours.batch).compile().as_text())

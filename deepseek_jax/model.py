@@ -118,14 +118,18 @@ def scan_layers(stacked: nnx.Module, h: jax.Array, fn, xs=None, *, remat: str, u
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_POLICIES[remat], prevent_cse=False)
-    if unroll:  # a Python loop, e.g. to debug a single layer
+    # The named scopes put "layer<i>" (or "layers" when scanned) into the ops' names, which is
+    # how a profile tells a layer's ops from the embedding, head and loss (bench/profile_step.py).
+    if unroll:  # a Python loop (cfg.scan_layers off, or to debug a single layer)
         n = jax.tree.leaves(state)[0].shape[0]
         ys = []
         for i in range(n):
-            h, y = body(h, jax.tree.map(lambda a, i=i: a[i], (state, xs)))
+            with jax.named_scope(f"layer{i}"):
+                h, y = body(h, jax.tree.map(lambda a, i=i: a[i], (state, xs)))
             ys.append(y)
         return h, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys and ys[0] is not None else None
-    return jax.lax.scan(body, h, (state, xs))
+    with jax.named_scope("layers"):
+        return jax.lax.scan(body, h, (state, xs))
 
 
 class Context(NamedTuple):
@@ -220,7 +224,7 @@ class DeepSeekModel(nnx.Module):
           input_ids: [B, T] int32 tokens.
           positions: [B, T] int32 (default arange(T)); restart per document when packed.
           segment_ids: [B, T] document ids of packed rows (0 = padding) or None.
-          unroll: Python loop instead of lax.scan over layers.
+          unroll: Python loop instead of lax.scan over layers (also when cfg.scan_layers is off).
         Returns:
           ModelOutput with fp32 logits [B, T, V], MTP logits and per-layer routing stats.
         """
@@ -260,6 +264,7 @@ class DeepSeekModel(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         token_mask = None if segment_ids is None else segment_ids > 0
+        unroll = unroll or not self.cfg.scan_layers
         return Context(positions, segment_ids, token_mask, self.parallel, unroll)
 
     def embed_and_dense(self, input_ids: jax.Array, ctx: Context) -> jax.Array:

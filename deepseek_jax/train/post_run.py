@@ -94,13 +94,17 @@ def load_init(path: str):
 
 def resolve_init(cfg: RunConfig):
     """(cfg, model or None): with `train.init_from`, cfg.model becomes the checkpoint's config
-    (keeping this run's remat, moe_impl and capacity_factor) and the loaded model comes along."""
+    (keeping this run's remat, scan_layers, moe_impl and capacity_factor) and the loaded model
+    comes along."""
     if cfg.train.init_from is None:
         return cfg, None
     model = load_init(cfg.train.init_from)
     m = cfg.model
     model_cfg = model.cfg.replace(
-        remat=m.remat, moe_impl=m.moe_impl, capacity_factor=m.capacity_factor
+        remat=m.remat,
+        scan_layers=m.scan_layers,
+        moe_impl=m.moe_impl,
+        capacity_factor=m.capacity_factor,
     )
     return dataclasses.replace(cfg, model=model_cfg), model
 
