@@ -128,6 +128,9 @@ def test_dropless_auto_is_blocked_on_cpu_and_bf16_stays_close():
 def test_choose_block_bounds_padding():
     assert bgm.choose_block(8192, 16) == 64  # v3-small, B x T = 8 x 256, top-4 of 16
     assert bgm.choose_block(32, 8) == 8  # tiny batches: the smallest tile
+    # v3-small's 143 tiles in 16 groups take every chunk size; tiny products single tiles only
+    assert bgm._chunk_sizes(143, 16) == (8, 4, 2, 1)
+    assert bgm._chunk_sizes(20, 8) == (1,)
     for rows, groups in [(8192, 16), (65536, 256), (1 << 20, 256)]:
         b = bgm.choose_block(rows, groups)
         assert groups * (b - 1) <= rows // 8 or b == 8
