@@ -20,6 +20,14 @@ from flax import nnx  # noqa: E402
 
 from deepseek_jax.config import load_preset  # noqa: E402
 
+# The suite's programs are small and compiling them is most of its time: in this process XLA's
+# LLVM back end runs at optimisation level 0 (XLA's own HLO passes still run; only the machine
+# code is less tuned). Subprocesses (training runs, notebooks) keep the default, which their
+# empirical thresholds were set under. A module whose programs run long, or that compares two
+# programs' FP8 rounding, uses `optimized_codegen`. JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off.
+if "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
+    jax.config.update("jax_disable_most_optimizations", True)
+
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
@@ -31,6 +39,21 @@ def tiny_model(tiny_cfg):
     from deepseek_jax.model import DeepSeekModel
 
     return DeepSeekModel(tiny_cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def optimized_codegen():
+    """This module's programs compile fully optimised (request it before any fixture that jits).
+
+    For checks that two different programs agree to FP32 rounding through FP8 quantization: a
+    one-ulp difference flips an E4M3 rounding, and unoptimised code generation rounds some
+    intermediate differently in one program than in the other (tests/inference/test_fp8_weights:
+    served FP8 decode vs its recipe twin, 6e-3 apart at level 0, 1.5e-6 optimised).
+    """
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture
