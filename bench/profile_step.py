@@ -4,7 +4,7 @@ computes, read from the compiled HLO (op shapes and `op_name` metadata):
 
   * routed experts    - the block-sparse expert GEMM's loops (named scope "block_gmm");
   * attention scores  - the score / value einsums and ops on [.., T, T] arrays (mask, softmax);
-  * embed, head, loss - forward/backward ops outside the layers (named scopes "layer<i>", "layers");
+  * embed, head, loss - ops outside the layers' named scopes ("dense_layer<i>", "moe_layer<i>");
   * other layer ops   - projections, norms, rope, gate, token dispatch/combine, shared expert;
   * residual buffers  - XLA's zero-fill of a layer scan's stacked residuals (no op_name; only with
                         --scan: the CPU config loops over its 4 layers instead);

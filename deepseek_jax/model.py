@@ -104,11 +104,14 @@ _POLICIES = {
 }
 
 
-def scan_layers(stacked: nnx.Module, h: jax.Array, fn, xs=None, *, remat: str, unroll: bool):
+def scan_layers(
+    stacked: nnx.Module, h: jax.Array, fn, xs=None, *, remat: str, unroll: bool, name="layer"
+):
     """Applies `fn(layer, h, x) -> (h, y)` over the stacked layers with lax.scan.
 
     The NNX state is split once; inside the scan each slice is merged back into a layer, so the
-    body is a pure function of (h, layer state). Returns (h, stacked ys).
+    body is a pure function of (h, layer state). Returns (h, stacked ys). `name` is the stack's
+    named scope: "<name><i>" per looped layer, "<name>s" around the scan.
     """
     graphdef, state = nnx.split(stacked)
 
@@ -118,17 +121,18 @@ def scan_layers(stacked: nnx.Module, h: jax.Array, fn, xs=None, *, remat: str, u
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_POLICIES[remat], prevent_cse=False)
-    # The named scopes put "layer<i>" (or "layers" when scanned) into the ops' names, which is
-    # how a profile tells a layer's ops from the embedding, head and loss (bench/profile_step.py).
+    # The named scopes put e.g. "moe_layer<i>" (or "moe_layers" when scanned) into the ops' names,
+    # which is how a profile tells a layer's ops from the embedding, head and loss
+    # (bench/profile_step.py).
     if unroll:  # a Python loop (cfg.scan_layers off, or to debug a single layer)
         n = jax.tree.leaves(state)[0].shape[0]
         ys = []
         for i in range(n):
-            with jax.named_scope(f"layer{i}"):
+            with jax.named_scope(f"{name}{i}"):
                 h, y = body(h, jax.tree.map(lambda a, i=i: a[i], (state, xs)))
             ys.append(y)
         return h, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys and ys[0] is not None else None
-    with jax.named_scope("layers"):
+    with jax.named_scope(f"{name}s"):
         return jax.lax.scan(body, h, (state, xs))
 
 
@@ -280,7 +284,8 @@ class DeepSeekModel(nnx.Module):
         def layer_fn(layer, h, _):
             return layer(h, ctx.positions, ctx.segment_ids, ctx.token_mask, ctx.parallel)
 
-        return scan_layers(layers, h, layer_fn, remat=self.cfg.remat, unroll=ctx.unroll)
+        name = "dense_layer" if layers is self.dense_layers else "moe_layer"
+        return scan_layers(layers, h, layer_fn, remat=self.cfg.remat, unroll=ctx.unroll, name=name)
 
     def outputs(self, h: jax.Array, input_ids: jax.Array, ctx: Context):
         """Final norm + head, and the MTP modules on top of the last hidden state h^0.
@@ -307,7 +312,12 @@ class DeepSeekModel(nnx.Module):
             return (h_k, ids), (self.head(normed), s)
 
         _, (mtp_logits, stats) = scan_layers(
-            self.mtp, (h, input_ids), mtp_fn, remat=self.cfg.remat, unroll=ctx.unroll
+            self.mtp,
+            (h, input_ids),
+            mtp_fn,
+            remat=self.cfg.remat,
+            unroll=ctx.unroll,
+            name="mtp_layer",
         )
         return logits, mtp_logits, stats
 
