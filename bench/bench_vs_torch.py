@@ -11,6 +11,9 @@ and the forward pass alone (prefill: logits of the 8 x 256 batch, no gradient) f
 ours. The timed steps are interleaved round by round (torch, dropless, capacity, ...) so that load
 from other processes hits every row alike; each row reports the median step over all rounds.
 "Compile" is the first call (tracing + XLA compile for ours, the first eager step for torch).
+Both frameworks run in one process under the same malloc settings: by default freed host memory
+stays in the process, as train_main.py has it on CPU (`--host-malloc system` leaves glibc's
+defaults, under which XLA:CPU maps and page-faults its temporaries afresh every step).
 
     python bench/bench_vs_torch.py                 # ~10 rounds of 3 steps each
     python bench/bench_vs_torch.py --rounds 3 --steps 2 --batch 2 --seq 64   # quick look
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepseek_jax import host_memory
 from deepseek_jax.config import load_preset
 from deepseek_jax.losses import LossConfig
 from deepseek_jax.train.config import TrainConfig
@@ -135,7 +139,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=3, help="steps per row per round")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--host-malloc",
+        default="reuse",
+        choices=["reuse", "system"],
+        help="train.host_malloc for this process (both frameworks)",
+    )
     args = parser.parse_args()
+    host_memory.configure(args.host_malloc)
+    jnp.zeros(())  # start the backend before torch spawns its threads
     import torch
     import transformers
 
@@ -159,7 +171,7 @@ def main() -> None:
         f"\n{B} x {T} tokens, fp32; jax {jax.__version__} ({jax.devices()[0].platform}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
         f"{transformers.__version__}; {os.cpu_count()} CPUs, load average {load:.1f} at the end; "
-        f"{args.rounds} rounds x {args.steps} steps, medians\n"
+        f"{args.rounds} rounds x {args.steps} steps, medians; host malloc {args.host_malloc}\n"
     )
     torch_step = statistics.median(steps["torch (transformers, eager)"])
     torch_fwd = statistics.median(fwds["torch (transformers, eager)"])
@@ -178,5 +190,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    jnp.zeros(())  # start the backend before torch spawns its threads
     main()

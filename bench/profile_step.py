@@ -37,6 +37,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_vs_torch import Ours, _cfg, _tokens  # noqa: E402
 
+from deepseek_jax import host_memory  # noqa: E402
 from deepseek_jax.mla import causal_query_blocks  # noqa: E402
 
 _INSTR = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]")
@@ -106,7 +107,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=0, help="also list the N costliest ops")
     ap.add_argument("--scan", action="store_true", help="scan the layers (model.scan_layers)")
+    ap.add_argument("--host-malloc", default="reuse", choices=["reuse", "system"])
     args = ap.parse_args()
+    host_memory.configure(args.host_malloc)  # as train_main.py on CPU (before the backend)
     cfg = _cfg(args.impl)
     ours = Ours(args.impl, _tokens(cfg.vocab_size, args.batch, args.seq), 1e-3, args.scan)
     ours.step()

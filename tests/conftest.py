@@ -18,7 +18,13 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from deepseek_jax import host_memory  # noqa: E402
 from deepseek_jax.config import load_preset  # noqa: E402
+
+# As train_main.py does on CPU: freed host memory stays in the process, so XLA:CPU's block of
+# temporaries is not mapped and page-faulted afresh by every call (deepseek_jax/host_memory.py).
+# Before any test starts JAX's backend, so it reaches the backend's threads.
+host_memory.reuse_freed_host_memory(required=False)
 
 # The suite's programs are small and compiling them is most of its time: in this process XLA's
 # LLVM back end runs at optimisation level 0 (XLA's own HLO passes still run; only the machine

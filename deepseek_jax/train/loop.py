@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 from jax.experimental import multihost_utils
 
+from deepseek_jax import host_memory
 from deepseek_jax.data import load_tokenizer, make_dataset
 from deepseek_jax.params import count_params
 from deepseek_jax.sharding.mesh import make_mesh
@@ -247,6 +248,7 @@ def run(
       ConfigChangeError: resuming with a config the checkpointed run cannot continue with.
       TooManySkipsError: `train.max_consecutive_skips` consecutive steps were skipped.
     """
+    host_memory.configure(cfg.train.host_malloc)  # before JAX's backends start
     initialize_distributed(cfg.dist)
     tcfg = cfg.train
     run_dir = os.path.abspath(resolve_run_dir(tcfg))

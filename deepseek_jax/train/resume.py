@@ -44,6 +44,7 @@ SAFE = (
     "train.tensorboard",
     "train.peak_flops",
     "train.max_consecutive_skips",
+    "train.host_malloc",
     "data.read_threads",
     "data.max_bad_records",
     "checkpoint.",

@@ -1,0 +1,95 @@
+"""deepseek_jax/host_memory.py: freed host memory stays in the process (train.host_malloc)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from deepseek_jax import host_memory
+from deepseek_jax.train.config import TrainConfig
+
+pytestmark = pytest.mark.skipif(
+    host_memory._glibc() is None, reason="mallopt is glibc's; other C libraries keep their own"
+)
+
+# A jitted function whose temporaries (~96 MB: three [2048, 4096] f32 intermediates) are far
+# above glibc's largest mmap threshold (32 MB), called again and again; prints the minor page
+# faults of the last calls.
+_PROBE = textwrap.dedent(
+    """
+    import resource, sys
+    import jax, jax.numpy as jnp
+    from deepseek_jax import host_memory
+    print("in effect", host_memory.configure(sys.argv[1]))
+    @jax.jit
+    def f(x):
+        a = jnp.sin(x) * 2.0
+        b = jnp.cos(a) + x
+        c = a * b - jnp.tanh(b)
+        return (a + b + c).sum()
+    x = jnp.ones((2048, 4096), jnp.float32)
+    for _ in range(3):
+        f(x * 1.0001).block_until_ready()
+    faults = []
+    for i in range(5):
+        y = x * (1.0 + i)
+        y.block_until_ready()
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        f(y).block_until_ready()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    print("faults", min(faults))
+    """
+)
+
+
+def _probe(mode: str) -> tuple[bool, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("XLA_FLAGS", None)  # one device: the probe's call runs on the backend's threads
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    return lines["in"] == "effect True", int(lines["faults"])
+
+
+def test_reuse_keeps_temporaries_mapped():
+    """Under "system" every call faults its temporaries in afresh (>= 10k 4 KiB pages of the
+    ~96 MB); under "reuse" the next call reuses the freed block: (almost) no faults."""
+    on, faults_reuse = _probe("reuse")
+    assert on
+    off, faults_system = _probe("system")
+    assert not off
+    assert faults_system >= 10_000, faults_system
+    assert faults_reuse < 500, faults_reuse
+
+
+def test_reuse_after_backend_start_is_an_error(monkeypatch):
+    """Once JAX's backend threads hold their arenas the setting cannot reach them: "reuse" says
+    so, "auto" leaves malloc alone."""
+    import jax.numpy as jnp
+
+    jnp.zeros(()).block_until_ready()  # the backend has started
+    monkeypatch.setattr(host_memory, "_applied", False)
+    with pytest.raises(RuntimeError, match="before the first JAX computation"):
+        host_memory.configure("reuse")
+    assert host_memory.configure("auto") is False
+    assert host_memory.configure("system") is False
+
+
+def test_runs_on_cpu_reads_jax_platforms():
+    assert host_memory.runs_on_cpu("cpu")
+    assert not host_memory.runs_on_cpu("cuda,cpu")
+    assert not host_memory.runs_on_cpu("tpu")
+    assert host_memory.runs_on_cpu()  # conftest sets JAX_PLATFORMS=cpu
+
+
+def test_config_field_is_checked():
+    assert TrainConfig().host_malloc == "auto"
+    with pytest.raises(ValueError, match="host_malloc"):
+        TrainConfig(host_malloc="jemalloc")
+    with pytest.raises(ValueError, match="host_malloc"):
+        host_memory.configure("jemalloc")
