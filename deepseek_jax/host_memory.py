@@ -9,8 +9,11 @@ of system time in a ~0.5 s step on 2 cores. Serving every thread from the main a
 0 faults per step, the step 1.1x faster side by side against PyTorch (docs/benchmarks.md).
 
 The price: the process keeps its peak host memory (it never returns freed pages to the system),
-as tcmalloc or jemalloc would. glibc reads these settings when a thread first allocates, so they
-must be set before JAX starts its CPU backend (its threads); later they would not reach them.
+as tcmalloc or jemalloc would, and XLA's compiles, whose threads now share one heap, run slower:
+the CPU comparison's first step took 17-19 s instead of 12-13 s. A long run gains (300 steps of
+train_main.py: ~0.16 s per step); a compile-bound process (the test suite) does not, and leaves
+it off. glibc reads these settings when a thread first allocates, so they must be set before JAX
+starts its CPU backend (its threads); later they would not reach them.
 
     from deepseek_jax import host_memory
     host_memory.reuse_freed_host_memory()   # before the first JAX computation

@@ -18,13 +18,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from deepseek_jax import host_memory  # noqa: E402
 from deepseek_jax.config import load_preset  # noqa: E402
-
-# As train_main.py does on CPU: freed host memory stays in the process, so XLA:CPU's block of
-# temporaries is not mapped and page-faulted afresh by every call (deepseek_jax/host_memory.py).
-# Before any test starts JAX's backend, so it reaches the backend's threads.
-host_memory.reuse_freed_host_memory(required=False)
 
 # The suite's programs are small and compiling them is most of its time: in this process XLA's
 # LLVM back end runs at optimisation level 0 (XLA's own HLO passes still run; only the machine
@@ -33,6 +27,11 @@ host_memory.reuse_freed_host_memory(required=False)
 # programs' FP8 rounding, uses `optimized_codegen`. JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off.
 if "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
     jax.config.update("jax_disable_most_optimizations", True)
+
+# Start the backend now, so that no in-process `train.loop.run` (train.host_malloc "auto") sets
+# the process's malloc to one shared heap: that makes XLA's compiles, most of the suite's time,
+# ~30% slower (deepseek_jax/host_memory.py); tests/test_host_memory.py checks it in subprocesses.
+jax.devices()
 
 
 @pytest.fixture(scope="session")

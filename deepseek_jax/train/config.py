@@ -104,10 +104,11 @@ class TrainConfig:
         that the main model's routing biases stay as they are too.
       host_malloc: "auto" (reuse freed host memory when JAX runs on CPU), "reuse" or "system".
         "reuse" keeps XLA:CPU's per-step block of temporaries in the process instead of glibc
-        mapping it afresh (and page-faulting it in) every step: 1.1x faster CPU training, at
-        the price of keeping the peak host memory (deepseek_jax/host_memory.py); "system" leaves
-        malloc as it is. Takes effect only when set before JAX's backends start, as
-        train_main.py does ("reuse" is then an error; "auto" leaves it).
+        mapping it afresh (and page-faulting it in) every step: 1.2x faster CPU training, at
+        the price of keeping the peak host memory and ~1.4x slower compiles
+        (deepseek_jax/host_memory.py); "system" leaves malloc as it is. Takes effect only when
+        set before JAX's backends start, as train_main.py does ("reuse" is then an error;
+        "auto" leaves it).
     """
 
     task: Task = "pretrain"
