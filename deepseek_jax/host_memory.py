@@ -6,7 +6,8 @@ arenas of their own, and glibc serves a block that large from a fresh `mmap` and
 `munmap` when freed, so every step faults in 110k new pages (the kernel zeroes each one): 0.2 s
 of system time in a ~0.5 s step on 2 cores. Serving every thread from the main arena, never by
 `mmap`, and never trimming the heap keeps that block in the process, and the next step reuses it:
-0 faults per step, the step 1.1x faster side by side against PyTorch (docs/benchmarks.md).
+0 faults per step; bench/bench_vs_torch.py's train step went from 0.87x to 1.08x of PyTorch's
+(docs/benchmarks.md).
 
 The price: the process keeps its peak host memory (it never returns freed pages to the system),
 as tcmalloc or jemalloc would, and XLA's compiles, whose threads now share one heap, run slower:
@@ -14,6 +15,14 @@ the CPU comparison's first step took 17-19 s instead of 12-13 s. A long run gain
 train_main.py: ~0.16 s per step); a compile-bound process (the test suite) does not, and leaves
 it off. glibc reads these settings when a thread first allocates, so they must be set before JAX
 starts its CPU backend (its threads); later they would not reach them.
+
+Where you control the environment, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` is the better fix: glibc
+then backs such blocks with transparent huge pages (2 MB faults instead of 4 KB ones, ~600 per
+step), each thread keeps its arena, and compiles keep their speed (measured: step 378-404 ms,
+first step 13.2-13.6 s; these settings: 411-417 ms, 16.4-16.7 s; neither: 456-539 ms, 12.3-13.4
+s). It needs transparent huge pages in "madvise" or "always" mode
+(/sys/kernel/mm/transparent_hugepage/enabled) and must be set before the process starts; "auto"
+leaves malloc alone when it is set.
 
     from deepseek_jax import host_memory
     host_memory.reuse_freed_host_memory()   # before the first JAX computation
@@ -113,12 +122,15 @@ def reuse_freed_host_memory(*, required: bool = True) -> bool:
 
 
 def configure(mode: str) -> bool:
-    """`train.host_malloc`: "reuse" (must take effect), "auto" (reuse when JAX runs on CPU and
-    it can still take effect) or "system" (leave malloc alone). Returns whether it is in effect."""
+    """`train.host_malloc`: "reuse" (must take effect), "auto" (reuse when JAX runs on CPU, no
+    glibc.malloc.hugetlb tunable is set and it can still take effect) or "system" (leave malloc
+    alone). Returns whether the reuse settings are in effect."""
     if mode == "system":
         return _applied
     if mode == "reuse":
         return reuse_freed_host_memory(required=True)
     if mode == "auto":
+        if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
+            return False  # huge-page-backed blocks already (see the module docstring)
         return runs_on_cpu() and reuse_freed_host_memory(required=False)
     raise ValueError(f"host_malloc={mode!r}: allowed 'auto', 'reuse', 'system'")

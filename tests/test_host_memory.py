@@ -45,7 +45,7 @@ _PROBE = textwrap.dedent(
 
 
 def _probe(mode: str) -> tuple[bool, int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("XLA_FLAGS", None)  # one device: the probe's call runs on the backend's threads
     out = subprocess.run(
@@ -65,6 +65,15 @@ def test_reuse_keeps_temporaries_mapped():
     assert not off
     assert faults_system >= 10_000, faults_system
     assert faults_reuse < 500, faults_reuse
+
+
+def test_auto_leaves_a_hugetlb_tunable_alone(monkeypatch):
+    """GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (huge-page-backed blocks, set before the process
+    started) is the better fix where one controls the environment: "auto" then changes nothing."""
+    monkeypatch.setattr(host_memory, "_applied", False)
+    monkeypatch.setattr(host_memory, "reuse_freed_host_memory", lambda **_: pytest.fail("applied"))
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert host_memory.configure("auto") is False
 
 
 def test_reuse_after_backend_start_is_an_error(monkeypatch):
