@@ -6,13 +6,16 @@ computes, read from the compiled HLO (op shapes and `op_name` metadata):
   * attention scores  - the score / value einsums and ops on [.., T, T] arrays (mask, softmax);
   * embed, head, loss - ops outside the layers' named scopes ("dense_layer<i>", "moe_layer<i>");
   * other layer ops   - projections, norms, rope, gate, token dispatch/combine, shared expert;
-  * residual buffers  - XLA's zero-fill of a layer scan's stacked residuals (no op_name; only with
-                        --scan: the CPU config loops over its 4 layers instead);
+  * unnamed ops       - ops without an op_name: buffer zero-fills and copies XLA inserts (with
+                        --scan, the layer scan's stacked residuals; the CPU config loops over its
+                        4 layers instead), cumsums of the expert layout;
   * optimizer/update  - ops outside the forward and backward (AdamW, clipping, bias update).
 
 Forward (`jvp`) and backward (`transpose(jvp)`) are reported apart. XLA:CPU may run independent
 ops at the same time on its threads, so the parts can overlap and their sum exceed the step's
 wall time: compare changes end to end (bench/bench_vs_torch.py), not by this table alone.
+Host malloc as in train_main.py on CPU (`train.host_malloc`; `--host-malloc system` profiles glibc's
+defaults, under which the page faults of each step's fresh temporaries land in these ops).
 Shape and settings: the CPU comparison's (bench/bench_vs_torch.py: v3-small without MTP, fp32,
 B x T = 8 x 256, layers looped as in configs/train-v3-small.yaml; --scan scans them).
 
@@ -80,8 +83,8 @@ def self_times(events: list[dict]) -> collections.Counter:
 
 def category(shape: tuple[int, ...], op_name: str, seq: int) -> tuple[str, str]:
     if not op_name:
-        # XLA's zero-fill of a layer scan's stacked residual buffers carries no op_name
-        return "residual buffers", "outside"
+        # XLA's buffer fills and copies (e.g. a layer scan's stacked residuals) carry no op_name
+        return "unnamed ops", "outside"
     if "transpose(jvp" in op_name:
         phase = "backward"
     elif "jvp(" in op_name:
@@ -135,7 +138,7 @@ def main() -> None:
         "attention scores",
         "embed, head, loss",
         "other layer ops",
-        "residual buffers",
+        "unnamed ops",
         "optimizer/update",
     ]
     print(
