@@ -6,8 +6,8 @@ arenas of their own, and glibc serves a block that large from a fresh `mmap` and
 `munmap` when freed, so every step faults in 110k new pages (the kernel zeroes each one): 0.2 s
 of system time in a ~0.5 s step on 2 cores. Serving every thread from the main arena, never by
 `mmap`, and never trimming the heap keeps that block in the process, and the next step reuses it:
-0 faults per step; bench/bench_vs_torch.py's train step went from 0.87x to 1.08x of PyTorch's
-(docs/benchmarks.md).
+0 faults per step; bench/bench_vs_torch.py's train step went from 0.87x of PyTorch's to
+0.97-1.08x over four runs (docs/benchmarks.md).
 
 The price: the process keeps its peak host memory (it never returns freed pages to the system),
 as tcmalloc or jemalloc would, and XLA's compiles, whose threads now share one heap, run slower:

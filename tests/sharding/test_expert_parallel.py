@@ -47,7 +47,7 @@ def _out_and_grads(moe, x, parallel=ONE_DEVICE):
         return (out**2).sum(), (out, stats)
 
     fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-    (g_m, g_x), (out, stats) = fn.lower(moe, x).compile()(moe, x)
+    (g_m, g_x), (out, stats) = fn(moe, x)
     return out, stats, g_x, nnx.state(g_m, nnx.Param)
 
 
