@@ -109,6 +109,22 @@ def _take_rows(a: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
 
 
+def _varying_axes(a: jax.Array) -> frozenset[str]:
+    """The shard_map manual axes `a` varies over (empty outside shard_map)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _zeros(shape, dtype, *like: jax.Array) -> jax.Array:
+    """Zeros typed to vary over every manual axis that `like` do: a loop's initial carry must
+    match its body's output under shard_map (the expert-parallel path runs these loops per
+    device)."""
+    axes = frozenset().union(*(_varying_axes(a) for a in like))
+    z = jnp.zeros(shape, dtype)
+    return lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
+
+
 # ----------------------------------------------------------------------------------------------
 # dispatch: tokens -> slots.
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +253,7 @@ def _loop_gmm(xs, w, tile_group, used):
 
         return _over_chunks(start[g], end[g], b, sizes, chunk, out)
 
-    out = jnp.zeros((xs.shape[0], w.shape[2]), xs.dtype)
+    out = _zeros((xs.shape[0], w.shape[2]), xs.dtype, xs, w)
     with jax.named_scope("block_gmm"):  # profiles find the expert GEMM by this name
         return lax.fori_loop(0, w.shape[0], group, out)
 
@@ -268,11 +284,13 @@ def _block_gmm_bwd(res, dy):
             dy_c = lax.dynamic_slice_in_dim(dy, row, size)
             return acc + jnp.dot(x_c.T, dy_c, preferred_element_type=jnp.float32)
 
-        acc = _over_chunks(start[g], end[g], b, sizes, chunk, jnp.zeros(w.shape[1:], jnp.float32))
+        acc = _over_chunks(
+            start[g], end[g], b, sizes, chunk, _zeros(w.shape[1:], jnp.float32, xs, dy)
+        )
         return lax.dynamic_update_index_in_dim(dw, acc, g, 0)
 
     with jax.named_scope("block_gmm"):
-        dw = lax.fori_loop(0, w.shape[0], group, jnp.zeros(w.shape, jnp.float32))
+        dw = lax.fori_loop(0, w.shape[0], group, _zeros(w.shape, jnp.float32, xs, dy))
     return dx, dw.astype(w.dtype), None, None
 
 

@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.moe.dispatch import routed_dropless
 from deepseek_jax.moe.ep_plan import (
     CapacitySizes,
     capacity_layout,
@@ -308,12 +309,13 @@ def _ragged_exchange(
 
 
 def _local_dropless(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig):
-    """One device per EP group: the dropless sort on local experts, nothing to exchange."""
-    M, K = r.experts.shape
-    rows = xc[jnp.arange(M * K) // K]  # [M*K, D] one row per assignment
-    y = _local_experts(rows, r.experts.reshape(-1), *ws, axes=layout.varying_axes, fp8=cfg.fp8)
-    y = y.reshape(M, K, -1)
-    return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), jnp.zeros((), jnp.int32)
+    """One device per EP group (the experts replicated): nothing to exchange, so the device's
+    tokens run the single-device dropless plan, `routed_dropless` (on CPU the block-sparse GEMM;
+    the sort + ragged_dot of `_local_experts` costs about E times the routed FLOPs there: a
+    2-device data-parallel v3-small step took 5x the time of one device before).
+    """
+    xc, *ws = _varying_over(layout.varying_axes, xc, *ws)
+    return routed_dropless(xc, r, *ws, fp8=cfg.fp8), jnp.zeros((), jnp.int32)
 
 
 def _gather(w, axes, dim, dtype=None):

@@ -146,10 +146,15 @@ def test_emulated_ragged_all_to_all_matches_jax_docstring_example():
 EP_CASES = [
     ("ragged_emulated", MeshConfig(data=2, fsdp=1, expert=4, rules="ep")),
     ("capacity", MeshConfig(fsdp=2, expert=4, rules="fsdp_ep")),
+    # Experts replicated (an EP group of one device): each device's tokens through all experts.
+    ("ragged_emulated", MeshConfig(data=8, fsdp=1, rules="dp")),
+    ("ragged_emulated", MeshConfig(data=4, fsdp=2, rules="fsdp")),
 ]
 
 
-@pytest.mark.parametrize("exchange,mesh_cfg", EP_CASES, ids=[c[0] for c in EP_CASES])
+@pytest.mark.parametrize(
+    "exchange,mesh_cfg", EP_CASES, ids=[f"{c[0]}-{c[1].rules}" for c in EP_CASES]
+)
 def test_ep_block_equals_dropless_reference(block, reference, exchange, mesh_cfg):
     cfg, moe, x = block
     if exchange == "capacity":  # C = M_l K cf / P >= M_l min(K, E/P): no device can overflow
@@ -168,6 +173,31 @@ def test_ep_block_equals_dropless_reference(block, reference, exchange, mesh_cfg
         np.asarray(ep.global_expert_load(stats.expert_counts, parallel)),
         ref_stats.expert_counts.sum(0),
     )
+
+
+@pytest.mark.parametrize("rules", ["dp", "fsdp"])
+def test_replicated_experts_run_the_single_device_plan_without_a_token_exchange(block, rules):
+    """With the experts on every device, a device's tokens never leave it: no all-to-all and
+    no gathered tokens, the routed products are the single-device plan's (on CPU the
+    block-sparse GEMM, not the ragged_dot that costs E times the routed FLOPs there)."""
+    cfg, moe, x = block
+    mesh_cfg = MeshConfig(data=4, fsdp=2, rules=rules)
+    traced, lowered = _lower_block(moe, x, "ragged_emulated", mesh_cfg, grad=True)
+    counts = collectives_from_jaxpr(traced.jaxpr, dict(make_mesh(mesh_cfg).shape))
+    assert "all_to_all" not in counts and "ragged_all_to_all" not in counts, counts
+    # FSDP gathers weights (their D over fsdp), never the [M, D] token rows.
+    gathered = counts["all_gather"].operand_bytes if "all_gather" in counts else 0
+    assert gathered == (0 if rules == "dp" else sum(w.size * 4 // 2 for w in _routed_weights(moe)))
+    hlo = lowered.as_text(debug_info=True)  # with the named scopes
+    if jax.default_backend() == "cpu":
+        assert "block_gmm" in hlo and "ragged_dot" not in hlo
+    else:
+        assert "block_gmm" not in hlo
+
+
+def _routed_weights(moe):
+    """The routed experts' weights and the router's [D, E] matrix (FSDP gathers all four)."""
+    return [moe.w_gate[...], moe.w_up[...], moe.w_down[...], moe.router.weight[...]]
 
 
 def _lower_block(moe, x, exchange, mesh_cfg, grad: bool, buffer_factor=None):
