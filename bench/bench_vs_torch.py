@@ -9,7 +9,8 @@ MLA), B x T = 8 x 256 random tokens, fp32, AdamW. Rows:
   * ours, capacity        - the same with capacity-factor 1.25 buffers (may drop tokens).
 and the forward pass alone (prefill: logits of the 8 x 256 batch, no gradient) for torch and
 ours. The timed steps are interleaved round by round (torch, dropless, capacity, ...) so that load
-from other processes hits every row alike; each row reports the median step over all rounds.
+from other processes hits every row alike; each row reports the median step over all rounds and
+in how many rounds its median step beat torch's of the same round ("rounds faster").
 "Compile" is the first call (tracing + XLA compile for ours, the first eager step for torch).
 Both frameworks run in one process under the same malloc settings: by default freed host memory
 stays in the process, as train_main.py has it on CPU (`--host-malloc system` leaves glibc's
@@ -17,6 +18,7 @@ defaults, under which XLA:CPU maps and page-faults its temporaries afresh every 
 
     python bench/bench_vs_torch.py                 # ~10 rounds of 3 steps each
     python bench/bench_vs_torch.py --rounds 3 --steps 2 --batch 2 --seq 64   # quick look
+    python bench/bench_vs_torch.py --cpus 1        # both frameworks on one core
 
 torch and transformers come from the `test` extra.
 """
@@ -145,7 +147,19 @@ def main() -> None:
         choices=["reuse", "system"],
         help="train.host_malloc for this process (both frameworks)",
     )
+    parser.add_argument(
+        "--cpus",
+        type=int,
+        default=None,
+        help="pin the process to its first N CPUs before either framework starts (both then "
+        "size their thread pools to N); default: every CPU",
+    )
     args = parser.parse_args()
+    if args.cpus is not None:
+        allowed = sorted(os.sched_getaffinity(0))
+        if not 1 <= args.cpus <= len(allowed):
+            parser.error(f"--cpus {args.cpus}: this process may run on {len(allowed)} CPUs")
+        os.sched_setaffinity(0, allowed[: args.cpus])
     host_memory.configure(args.host_malloc)
     jnp.zeros(())  # start the backend before torch spawns its threads
     import torch
@@ -162,29 +176,37 @@ def main() -> None:
     first_fwd = {name: _timed(r.forward) for name, r in rows.items()}
     steps = {name: [] for name in rows}
     fwds = {name: [] for name in rows}
+    rounds = {name: [] for name in rows}  # each round's median step
     for _ in range(args.rounds):
         for name, r in rows.items():
-            steps[name] += [_timed(r.step) for _ in range(args.steps)]
+            times = [_timed(r.step) for _ in range(args.steps)]
+            steps[name] += times
+            rounds[name].append(statistics.median(times))
             fwds[name] += [_timed(r.forward) for _ in range(args.steps)]
     load = os.getloadavg()[0]
     print(
         f"\n{B} x {T} tokens, fp32; jax {jax.__version__} ({jax.devices()[0].platform}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-        f"{transformers.__version__}; {os.cpu_count()} CPUs, load average {load:.1f} at the end; "
+        f"{transformers.__version__}; {len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs, "
+        f"load average {load:.1f} at the end; "
         f"{args.rounds} rounds x {args.steps} steps, medians; host malloc {args.host_malloc}\n"
     )
     torch_step = statistics.median(steps["torch (transformers, eager)"])
     torch_fwd = statistics.median(fwds["torch (transformers, eager)"])
     print(
         "| implementation | first step (s) | train step (ms) | train tokens/s | vs torch "
-        "| prefill (ms) | prefill tokens/s | vs torch | loss after |"
+        "| rounds faster | prefill (ms) | prefill tokens/s | vs torch | loss after |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    torch_rounds = rounds["torch (transformers, eager)"]
     for name, r in rows.items():
         s, f = statistics.median(steps[name]), statistics.median(fwds[name])
+        # rounds whose median step beat torch's median step of the same round
+        won = sum(o < t for o, t in zip(rounds[name], torch_rounds, strict=True))
         print(
             f"| {name} | {first[name]:.1f} | {1e3 * s:.0f} | {B * T / s:.0f} | "
-            f"{torch_step / s:.2f}x | {1e3 * f:.0f} (first {first_fwd[name]:.1f} s) | "
+            f"{torch_step / s:.2f}x | {won}/{args.rounds} | "
+            f"{1e3 * f:.0f} (first {first_fwd[name]:.1f} s) | "
             f"{B * T / f:.0f} | {torch_fwd / f:.2f}x | {r.loss:.3f} |"
         )
 
