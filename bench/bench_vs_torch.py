@@ -203,9 +203,10 @@ def main() -> None:
         s, f = statistics.median(steps[name]), statistics.median(fwds[name])
         # rounds whose median step beat torch's median step of the same round
         won = sum(o < t for o, t in zip(rounds[name], torch_rounds, strict=True))
+        won = "-" if rounds[name] is torch_rounds else f"{won}/{args.rounds}"
         print(
             f"| {name} | {first[name]:.1f} | {1e3 * s:.0f} | {B * T / s:.0f} | "
-            f"{torch_step / s:.2f}x | {won}/{args.rounds} | "
+            f"{torch_step / s:.2f}x | {won} | "
             f"{1e3 * f:.0f} (first {first_fwd[name]:.1f} s) | "
             f"{B * T / f:.0f} | {torch_fwd / f:.2f}x | {r.loss:.3f} |"
         )
