@@ -139,24 +139,10 @@ def _dispatch_fwd(x, source_token, slot):
     return _dispatch(x, source_token, slot), (source_token, slot)
 
 
-def _gather_sum(rows: jax.Array, slot: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """sum_k w[m, k] rows[slot[m, k]] -> [M, D] (w = 1 when None).
-
-    K gathers of [M, D] summed in one loop fusion: on XLA:CPU 2.4-2.8x faster than gathering
-    [M, K, D] and reducing over K (0.6 vs 1.5 ms at M 2048, K 4, D 256).
-    """
-    out = None
-    for k in range(slot.shape[1]):
-        y = _take_rows(rows, slot[:, k])
-        if weights is not None:
-            y = y * weights[:, k, None].astype(y.dtype)
-        out = y if out is None else out + y
-    return out
-
-
 def _dispatch_bwd(res, dxs):
     source_token, slot = res
-    return _gather_sum(dxs, slot), None, None  # dx [M, D]
+    dx = _take_rows(dxs, slot.reshape(-1)).reshape(*slot.shape, -1).sum(1)  # [M, D]
+    return dx, None, None
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -175,7 +161,8 @@ def dispatch(x: jax.Array, layout: BlockLayout, k: int) -> jax.Array:
 
 @jax.custom_vjp
 def _combine(ys, g, slot, source):
-    return _gather_sum(ys, slot, g)  # [M, D]
+    y = _take_rows(ys, slot.reshape(-1)).reshape(*slot.shape, -1)  # [M, K, D]
+    return jnp.einsum("mkd,mk->md", y, g.astype(y.dtype))
 
 
 def _combine_fwd(ys, g, slot, source):
