@@ -291,12 +291,21 @@ def test_moe_layer_weight_gradients_are_not_rounded_to_bf16(algorithm):
             assert (g != rounded).mean() > 0.5, (gmm, name)
 
 
-@pytest.mark.parametrize("exchange", ["ragged_emulated", "capacity"])
-def test_expert_parallel_weight_gradients_are_fp32_with_bf16_gather(exchange):
-    """Under expert parallelism with FSDP-split D (4 expert x 2 fsdp devices), BF16 compute and
-    FP32 master weights: the FSDP gather of the routed experts sends BF16 bytes, their gradients
-    come back FP32 (reduce-scattered in FP32, never rounded to BF16) and equal the single-device
-    dropless gradients up to the BF16 products' noise."""
+@pytest.mark.parametrize(
+    "exchange,mesh_axes",
+    [
+        ("ragged_emulated", dict(fsdp=2, expert=4, rules="fsdp_ep")),
+        ("capacity", dict(fsdp=2, expert=4, rules="fsdp_ep")),
+        ("ragged_emulated", dict(data=4, fsdp=2, rules="fsdp")),  # experts on every device
+    ],
+    ids=["ragged_emulated", "capacity", "replicated_experts"],
+)
+def test_expert_parallel_weight_gradients_are_fp32_with_bf16_gather(exchange, mesh_axes):
+    """Under expert parallelism with FSDP-split D (4 expert x 2 fsdp devices, or the experts
+    replicated over 4 data x 2 fsdp devices), BF16 compute and FP32 master weights: the FSDP
+    gather of the routed experts sends BF16 bytes, their gradients come back FP32
+    (reduce-scattered in FP32, never rounded to BF16) and equal the single-device dropless
+    gradients up to the BF16 products' noise."""
     from deepseek_jax.plan import collectives_from_jaxpr
     from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
     from deepseek_jax.sharding.parallel import ONE_DEVICE, ParallelConfig
@@ -307,7 +316,7 @@ def test_expert_parallel_weight_gradients_are_fp32_with_bf16_gather(exchange):
     )
     moe = MoE(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (8, 4, cfg.hidden_size), jnp.bfloat16)
-    mesh_cfg = MeshConfig(fsdp=2, expert=4, rules="fsdp_ep")
+    mesh_cfg = MeshConfig(**{"data": 1, **mesh_axes})
     mesh = make_mesh(mesh_cfg)
     parallel = ParallelConfig(mesh, get_rules(mesh_cfg.rules), exchange)
 
