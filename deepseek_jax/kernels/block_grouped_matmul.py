@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deepseek_jax.sharding.logical import vary_over, varying_axes
+
 __all__ = [
     "BlockLayout",
     "block_gmm",
@@ -109,20 +111,12 @@ def _take_rows(a: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
 
 
-def _varying_axes(a: jax.Array) -> frozenset[str]:
-    """The shard_map manual axes `a` varies over (empty outside shard_map)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "mat", None)
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
 def _zeros(shape, dtype, *like: jax.Array) -> jax.Array:
     """Zeros typed to vary over every manual axis that `like` do: a loop's initial carry must
     match its body's output under shard_map (the expert-parallel path runs these loops per
     device)."""
-    axes = frozenset().union(*(_varying_axes(a) for a in like))
-    z = jnp.zeros(shape, dtype)
-    return lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
+    axes = sorted(frozenset().union(*(varying_axes(a) for a in like)))
+    return vary_over(axes, jnp.zeros(shape, dtype))[0]
 
 
 # ----------------------------------------------------------------------------------------------

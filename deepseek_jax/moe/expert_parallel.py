@@ -53,7 +53,7 @@ from deepseek_jax.moe.ep_plan import (
 )
 from deepseek_jax.moe.experts import swiglu_grouped
 from deepseek_jax.moe.router import Routing
-from deepseek_jax.sharding.logical import MeshAxes
+from deepseek_jax.sharding.logical import MeshAxes, vary_over
 from deepseek_jax.sharding.parallel import ParallelConfig, flat_axes
 
 _flat = flat_axes
@@ -158,15 +158,8 @@ def global_expert_load(expert_counts: jax.Array, parallel: ParallelConfig) -> ja
 
 
 # ---- the shard_map body ----------------------------------------------------------------------
-def _varying(a) -> set[str]:
-    """Manual mesh axes `a` varies over (the aval's `mat.varying`, `vma` in other versions)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "mat", None)
-    return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
-
-
 def _varying_over(axes: tuple[str, ...], *arrays):
-    """Casts arrays to vary over every one of `axes` (shard_map's varying manual axes).
+    """Casts arrays to vary over every one of `axes` (`sharding.logical.vary_over`).
 
     A custom-VJP kernel (the grouped matmul) must return cotangents typed like its inputs, but a
     cotangent can vary over more axes than its primal (a weight replicated over `data` gets a
@@ -174,12 +167,7 @@ def _varying_over(axes: tuple[str, ...], *arrays):
     every axis a cotangent can (`EPLayout.varying_axes`) avoid the mismatch; the cast's
     transpose is the psum that sums such a gradient over the shards (data parallelism).
     """
-
-    def cast(a):
-        missing = tuple(ax for ax in axes if ax not in _varying(a))
-        return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-    return [cast(a) for a in arrays]
+    return vary_over(axes, *arrays)
 
 
 def _local_experts(xs, local_ids, w_gate, w_up, w_down, *, axes=(), fp8: bool = False):

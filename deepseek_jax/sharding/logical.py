@@ -52,3 +52,26 @@ def constrain(x: jax.Array, axes: Sequence[str | None], parallel: ParallelConfig
         )
     sharding = parallel.sharding(axes)
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def varying_axes(a: jax.Array) -> frozenset[str]:
+    """The shard_map manual axes `a` varies over (the aval's `mat.varying`, `vma` in other JAX
+    versions); empty outside shard_map."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def vary_over(axes: Sequence[str], *arrays: jax.Array) -> list[jax.Array]:
+    """Casts each array to vary over every one of the manual `axes` it does not vary over yet.
+
+    Loops under shard_map need it (an initial carry must be typed like the body's output), and
+    so do custom-VJP kernels (a cotangent must be typed like its primal; the cast's transpose is
+    the psum over the added axes).
+    """
+
+    def cast(a):
+        missing = tuple(ax for ax in axes if ax not in varying_axes(a))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return [cast(a) for a in arrays]
