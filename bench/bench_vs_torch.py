@@ -201,9 +201,10 @@ def main() -> None:
     torch_rounds = rounds["torch (transformers, eager)"]
     for name, r in rows.items():
         s, f = statistics.median(steps[name]), statistics.median(fwds[name])
-        # rounds whose median step beat torch's median step of the same round
-        won = sum(o < t for o, t in zip(rounds[name], torch_rounds, strict=True))
-        won = "-" if rounds[name] is torch_rounds else f"{won}/{args.rounds}"
+        won = "-"  # rounds whose median step beat torch's median step of the same round
+        if rounds[name] is not torch_rounds:
+            beat = sum(o < t for o, t in zip(rounds[name], torch_rounds, strict=True))
+            won = f"{beat}/{args.rounds}"
         print(
             f"| {name} | {first[name]:.1f} | {1e3 * s:.0f} | {B * T / s:.0f} | "
             f"{torch_step / s:.2f}x | {won} | "
