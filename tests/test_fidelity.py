@@ -257,21 +257,24 @@ def test_routed_expert_weight_gradient_is_fp32_on_the_grouped_and_capacity_paths
     assert np.abs(np.asarray(dw16) - expect).max() > 10 * np.abs(np.asarray(dw) - expect).max()
 
 
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("algorithm", ["dropless", "capacity"])
-def test_moe_layer_weight_gradients_are_not_rounded_to_bf16(algorithm):
+def test_moe_layer_weight_gradients_are_not_rounded_to_bf16(algorithm, fp8):
     """Wired through the MoE layer under BF16 compute with FP32 master weights: every routed
     expert's weight gradient keeps FP32 bits (a BF16-rounded gradient equals its own BF16 cast
-    everywhere). Dropless runs both its CPU (blocked) and its grouped (ragged_dot) products."""
+    everywhere). Dropless runs both its CPU (blocked) and its grouped (ragged_dot) products; the
+    FP8 recipe (V3 Sec. 3.3: FP8 products, FP32 master weights and weight gradients) runs the
+    grouped FP8 kernels on either path."""
     from flax import nnx
 
     from deepseek_jax.moe import dispatch
 
     cfg = load_preset("v3-tiny").replace(
-        dtype="bfloat16", param_dtype="float32", moe_impl=algorithm, capacity_factor=2.0
+        dtype="bfloat16", param_dtype="float32", moe_impl=algorithm, capacity_factor=2.0, fp8=fp8
     )
     moe = MoE(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 16, cfg.hidden_size), jnp.bfloat16)
-    gmms = ["blocked", "grouped"] if algorithm == "dropless" else [None]
+    gmms = ["blocked", "grouped"] if algorithm == "dropless" and not fp8 else [None]
     for gmm in gmms:
         with pytest.MonkeyPatch.context() as mp:
             if gmm is not None:

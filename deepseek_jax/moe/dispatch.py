@@ -52,9 +52,7 @@ def routed_dropless(
     if gmm == "blocked" and not fp8 and not stored_fp8:
         # Stored FP8 serving weights always take the grouped kernels, which dequantise per tile.
         return routed_blocked(x, r, w_gate, w_up, w_down)
-    if fp8 and not stored_fp8:  # the FP8 recipe quantises weights from the compute dtype
-        w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))
-    # else `grouped_matmul` takes FP32 master weights itself and returns FP32 dW
+    # `grouped_matmul` (FP8 or not) takes FP32 master weights itself and returns FP32 dW
     M, K = r.experts.shape
     E = w_gate.shape[0]
     flat = r.experts.reshape(-1)  # [M*K]

@@ -106,10 +106,10 @@ class MoE(nnx.Module):
         if stored_fp8:  # the grouped FP8 GEMM consumes the stored blocks (fp8_weights.py)
             if impl != "dropless":
                 raise ValueError(f"MoE: FP8 serving weights need moe_impl='dropless', got {impl!r}")
-        elif impl == "reference" or cfg.fp8:
+        elif impl == "reference":
             ws = tuple(w.astype(dt) for w in ws)
-        # Otherwise the dropless and capacity products take the FP32 master weights, cast them
-        # per product and return FP32 weight gradients (V3 Sec. 3.3.3).
+        # Otherwise the dropless and capacity products take the FP32 master weights, cast (or,
+        # under FP8, quantise) them per product and return FP32 weight gradients (V3 Sec. 3.3.3).
         dropped = jnp.zeros((), jnp.float32)
         if impl == "dropless":
             routed = routed_dropless(xc, r, *ws, fp8=cfg.fp8)
