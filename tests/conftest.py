@@ -23,8 +23,9 @@ from deepseek_jax.config import load_preset  # noqa: E402
 # The suite's programs are small and compiling them is most of its time: in this process XLA's
 # LLVM back end runs at optimisation level 0 (XLA's own HLO passes still run; only the machine
 # code is less tuned). Training-run subprocesses keep the default, which their empirical
-# thresholds were set under; the notebooks' kernels compile at level 0 too (test_notebooks.py). A module whose programs run long, or that compares two
-# programs' FP8 rounding, uses `optimized_codegen`. JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off.
+# thresholds were set under; the notebooks' kernels compile at level 0 too (test_notebooks.py).
+# A module whose programs run long, or that compares two programs' FP8 rounding, uses
+# `optimized_codegen`. JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off.
 if "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
     jax.config.update("jax_disable_most_optimizations", True)
 
