@@ -295,27 +295,32 @@ def test_moe_layer_weight_gradients_are_not_rounded_to_bf16(algorithm, fp8):
 
 
 @pytest.mark.parametrize(
-    "exchange,mesh_axes",
+    "exchange,mesh_axes,fp8",
     [
-        ("ragged_emulated", dict(fsdp=2, expert=4, rules="fsdp_ep")),
-        ("capacity", dict(fsdp=2, expert=4, rules="fsdp_ep")),
-        ("ragged_emulated", dict(data=4, fsdp=2, rules="fsdp")),  # experts on every device
+        ("ragged_emulated", dict(fsdp=2, expert=4, rules="fsdp_ep"), False),
+        ("capacity", dict(fsdp=2, expert=4, rules="fsdp_ep"), False),
+        ("ragged_emulated", dict(data=4, fsdp=2, rules="fsdp"), False),  # experts everywhere
+        ("ragged_emulated", dict(fsdp=2, expert=4, rules="fsdp_ep"), True),
+        ("ragged_emulated", dict(data=4, fsdp=2, rules="fsdp"), True),
     ],
-    ids=["ragged_emulated", "capacity", "replicated_experts"],
+    ids=["ragged_emulated", "capacity", "replicated_experts", "fp8", "fp8_replicated_experts"],
 )
-def test_expert_parallel_weight_gradients_are_fp32_with_bf16_gather(exchange, mesh_axes):
+def test_expert_parallel_weight_gradients_are_fp32_with_bf16_gather(exchange, mesh_axes, fp8):
     """Under expert parallelism with FSDP-split D (4 expert x 2 fsdp devices, or the experts
     replicated over 4 data x 2 fsdp devices), BF16 compute and FP32 master weights: the FSDP
     gather of the routed experts sends BF16 bytes, their gradients come back FP32
     (reduce-scattered in FP32, never rounded to BF16) and equal the single-device dropless
-    gradients up to the BF16 products' noise."""
+    gradients up to the BF16 products' noise. Under the FP8 recipe the two differ by FP8 noise
+    (~5% here: the wgrad's 128-token tiles hold other rows per device), so there the check is
+    that the expert-parallel FP8 gradients are as close to the high-precision ones as the
+    one-device FP8 gradients are (7-9% at this tiny shape)."""
     from deepseek_jax.plan import collectives_from_jaxpr
     from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
     from deepseek_jax.sharding.parallel import ONE_DEVICE, ParallelConfig
     from deepseek_jax.sharding.rules import get_rules
 
     cfg = load_preset("v3-tiny").replace(
-        dtype="bfloat16", param_dtype="float32", n_shared_experts=0, capacity_factor=8.0
+        dtype="bfloat16", param_dtype="float32", n_shared_experts=0, capacity_factor=8.0, fp8=fp8
     )
     moe = MoE(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (8, 4, cfg.hidden_size), jnp.bfloat16)
@@ -328,13 +333,20 @@ def test_expert_parallel_weight_gradients_are_fp32_with_bf16_gather(exchange, me
 
     grad = jax.jit(nnx.grad(loss), static_argnums=1)
     g_ep, g_one = grad(moe, parallel), grad(moe, ONE_DEVICE)
+    if fp8:  # the same weights (Rngs(0)) without the FP8 recipe
+        g_hp = grad(MoE(cfg.replace(fp8=False), rngs=nnx.Rngs(0)), ONE_DEVICE)
     E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     for name in ("w_gate", "w_up", "w_down"):
         g, ref = (np.asarray(getattr(t, name)[...]) for t in (g_ep, g_one))
         assert g.dtype == np.float32
         rounded = np.asarray(jnp.asarray(g).astype(jnp.bfloat16).astype(jnp.float32))
         assert (g != rounded).mean() > 0.5, name
-        assert np.abs(g - ref).max() < 0.05 * np.abs(ref).max(), name
+        if not fp8:
+            assert np.abs(g - ref).max() < 0.05 * np.abs(ref).max(), name
+            continue
+        hp = np.asarray(getattr(g_hp, name)[...])
+        err_ep, err_one = (np.linalg.norm(a - hp) / np.linalg.norm(hp) for a in (g, ref))
+        assert 0 < err_one < 0.15 and err_ep < 1.25 * err_one, (name, err_ep, err_one)
     if exchange != "capacity":  # the emulated ragged collective is made of all-gathers
         return
     traced = jax.jit(nnx.grad(loss), static_argnums=1).trace(moe, parallel)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from deepseek_jax.sharding.logical import vary_over, varying_axes
+from deepseek_jax.sharding.logical import zeros_varying_like as _zeros
 
 __all__ = [
     "BlockLayout",
@@ -109,14 +109,6 @@ def block_layout(groups: jax.Array, num_groups: int, block: int) -> BlockLayout:
 def _take_rows(a: jax.Array, index: jax.Array) -> jax.Array:
     """a[index] along axis 0, zero where index is out of range."""
     return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
-
-
-def _zeros(shape, dtype, *like: jax.Array) -> jax.Array:
-    """Zeros typed to vary over every manual axis that `like` do: a loop's initial carry must
-    match its body's output under shard_map (the expert-parallel path runs these loops per
-    device)."""
-    axes = sorted(frozenset().union(*(varying_axes(a) for a in like)))
-    return vary_over(axes, jnp.zeros(shape, dtype))[0]
 
 
 # ----------------------------------------------------------------------------------------------

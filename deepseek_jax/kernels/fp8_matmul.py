@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deepseek_jax.sharding.logical import zeros_varying_like
+
 from .backend import (
     BlockSizes,
     Impl,
@@ -124,7 +126,8 @@ def _fp8_matmul_xla(x, x_scale, w, ws_cols, *, out_dtype, block_k):
         return acc + part * xs * ws
 
     # A loop keeps memory at one [M, N] accumulator where a batched einsum would hold [Kb, M, N].
-    acc = lax.fori_loop(0, kb, step, jnp.zeros((m, n), jnp.float32))
+    acc0 = zeros_varying_like((m, n), jnp.float32, xp, wp, x_scale, ws_cols)  # shard_map
+    acc = lax.fori_loop(0, kb, step, acc0)
     return acc.astype(out_dtype)
 
 

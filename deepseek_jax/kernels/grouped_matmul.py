@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deepseek_jax.sharding.logical import zeros_varying_like
+
 from .backend import (
     BlockSizes,
     Impl,
@@ -91,7 +93,8 @@ def _gmm_xla_fp8(x, w, group_sizes, x_scale, ws_cols, *, out_dtype, block_k):
         xs = lax.dynamic_index_in_dim(x_scale, i, axis=1)  # [M, 1]
         return acc + part * xs * ws[gid]
 
-    acc = lax.fori_loop(0, kb, step, jnp.zeros((m, n), jnp.float32))
+    acc0 = zeros_varying_like((m, n), jnp.float32, xp, wp, x_scale, ws_cols, group_sizes)
+    acc = lax.fori_loop(0, kb, step, acc0)  # (typed for shard_map: the EP path runs it per device)
     return jnp.where(valid_rows(group_sizes, m), acc, 0.0).astype(out_dtype)
 
 

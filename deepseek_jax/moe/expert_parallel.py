@@ -299,20 +299,14 @@ def _ragged_exchange(
 def _local_dropless(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig):
     """One device per EP group (the experts replicated): nothing to exchange.
 
-    Without FP8 the device's tokens run the single-device dropless plan, `routed_dropless` (on
-    CPU the block-sparse GEMM; the sort + ragged_dot of `_local_experts` costs about E times the
-    routed FLOPs there: a 2-device data-parallel v3-small step took 5x the time of one device).
-    The FP8 recipe always takes the grouped kernels; `_local_experts` hands them the FP32 master
-    weights, so the weight gradients come back in FP32.
+    The device's tokens run the single-device dropless plan, `routed_dropless`: on CPU the
+    block-sparse GEMM (the sort + ragged_dot of `_local_experts` costs about E times the routed
+    FLOPs there: a 2-device data-parallel v3-small step took 5x the time of one device), under
+    FP8 the grouped FP8 kernels. Either way it takes the FP32 master weights and returns FP32
+    weight gradients.
     """
     xc, *ws = _varying_over(layout.varying_axes, xc, *ws)
-    if not cfg.fp8:
-        return routed_dropless(xc, r, *ws), jnp.zeros((), jnp.int32)
-    M, K = r.experts.shape
-    rows = xc[jnp.arange(M * K) // K]  # [M*K, D] one row per assignment
-    y = _local_experts(rows, r.experts.reshape(-1), *ws, axes=layout.varying_axes, fp8=True)
-    y = y.reshape(M, K, -1)
-    return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), jnp.zeros((), jnp.int32)
+    return routed_dropless(xc, r, *ws, fp8=cfg.fp8), jnp.zeros((), jnp.int32)
 
 
 def _gather(w, axes, dim, dtype=None):

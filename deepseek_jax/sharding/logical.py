@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 if TYPE_CHECKING:
@@ -75,3 +76,11 @@ def vary_over(axes: Sequence[str], *arrays: jax.Array) -> list[jax.Array]:
         return jax.lax.pcast(a, missing, to="varying") if missing else a
 
     return [cast(a) for a in arrays]
+
+
+def zeros_varying_like(shape, dtype, *like: jax.Array) -> jax.Array:
+    """Zeros typed to vary over every manual axis that any of `like` does: a loop's initial
+    carry must match its body's output under shard_map (the expert-parallel path runs the
+    block-sparse and FP8 kernels' loops per device). Plain zeros outside shard_map."""
+    axes = sorted(frozenset().union(*(varying_axes(a) for a in like)))
+    return vary_over(axes, jnp.zeros(shape, dtype))[0]
