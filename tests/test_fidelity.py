@@ -301,9 +301,17 @@ def test_moe_layer_weight_gradients_are_not_rounded_to_bf16(algorithm, fp8):
         ("capacity", dict(fsdp=2, expert=4, rules="fsdp_ep"), False),
         ("ragged_emulated", dict(data=4, fsdp=2, rules="fsdp"), False),  # experts everywhere
         ("ragged_emulated", dict(fsdp=2, expert=4, rules="fsdp_ep"), True),
+        ("capacity", dict(fsdp=2, expert=4, rules="fsdp_ep"), True),
         ("ragged_emulated", dict(data=4, fsdp=2, rules="fsdp"), True),
     ],
-    ids=["ragged_emulated", "capacity", "replicated_experts", "fp8", "fp8_replicated_experts"],
+    ids=[
+        "ragged_emulated",
+        "capacity",
+        "replicated_experts",
+        "fp8",
+        "fp8_capacity",
+        "fp8_replicated_experts",
+    ],
 )
 def test_expert_parallel_weight_gradients_are_fp32_with_bf16_gather(exchange, mesh_axes, fp8):
     """Under expert parallelism with FSDP-split D (4 expert x 2 fsdp devices, or the experts
