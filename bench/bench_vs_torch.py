@@ -93,6 +93,9 @@ class Ours:
         jax.block_until_ready(self.forward_fn(s.params, s.biases, s.other, self.batch["input_ids"]))
 
 
+TORCH = "torch (transformers, eager)"  # the baseline row
+
+
 class Torch:
     """transformers' DeepseekV3ForCausalLM of the same architecture, trained eagerly."""
 
@@ -168,7 +171,7 @@ def main() -> None:
     B, T = args.batch, args.seq
     ids = _tokens(_cfg("dropless").vocab_size, B, T)
     rows = {
-        "torch (transformers, eager)": Torch(ids, args.lr),
+        TORCH: Torch(ids, args.lr),
         "ours, dropless (exact)": Ours("dropless", ids, args.lr),
         "ours, capacity 1.25": Ours("capacity", ids, args.lr),
     }
@@ -191,19 +194,18 @@ def main() -> None:
         f"load average {load:.1f} at the end; "
         f"{args.rounds} rounds x {args.steps} steps, medians; host malloc {args.host_malloc}\n"
     )
-    torch_step = statistics.median(steps["torch (transformers, eager)"])
-    torch_fwd = statistics.median(fwds["torch (transformers, eager)"])
+    torch_step = statistics.median(steps[TORCH])
+    torch_fwd = statistics.median(fwds[TORCH])
     print(
         "| implementation | first step (s) | train step (ms) | train tokens/s | vs torch "
         "| rounds faster | prefill (ms) | prefill tokens/s | vs torch | loss after |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    torch_rounds = rounds["torch (transformers, eager)"]
     for name, r in rows.items():
         s, f = statistics.median(steps[name]), statistics.median(fwds[name])
         won = "-"  # rounds whose median step beat torch's median step of the same round
-        if rounds[name] is not torch_rounds:
-            beat = sum(o < t for o, t in zip(rounds[name], torch_rounds, strict=True))
+        if name != TORCH:
+            beat = sum(o < t for o, t in zip(rounds[name], rounds[TORCH], strict=True))
             won = f"{beat}/{args.rounds}"
         print(
             f"| {name} | {first[name]:.1f} | {1e3 * s:.0f} | {B * T / s:.0f} | "

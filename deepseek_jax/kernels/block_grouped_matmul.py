@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from deepseek_jax.sharding.logical import zeros_varying_like as _zeros
+from deepseek_jax.sharding.logical import zeros_varying_like
 
 __all__ = [
     "BlockLayout",
@@ -239,7 +239,7 @@ def _loop_gmm(xs, w, tile_group, used):
 
         return _over_chunks(start[g], end[g], b, sizes, chunk, out)
 
-    out = _zeros((xs.shape[0], w.shape[2]), xs.dtype, xs, w)
+    out = zeros_varying_like((xs.shape[0], w.shape[2]), xs.dtype, xs, w)
     with jax.named_scope("block_gmm"):  # profiles find the expert GEMM by this name
         return lax.fori_loop(0, w.shape[0], group, out)
 
@@ -271,12 +271,12 @@ def _block_gmm_bwd(res, dy):
             return acc + jnp.dot(x_c.T, dy_c, preferred_element_type=jnp.float32)
 
         acc = _over_chunks(
-            start[g], end[g], b, sizes, chunk, _zeros(w.shape[1:], jnp.float32, xs, dy)
+            start[g], end[g], b, sizes, chunk, zeros_varying_like(w.shape[1:], jnp.float32, xs, dy)
         )
         return lax.dynamic_update_index_in_dim(dw, acc, g, 0)
 
     with jax.named_scope("block_gmm"):
-        dw = lax.fori_loop(0, w.shape[0], group, _zeros(w.shape, jnp.float32, xs, dy))
+        dw = lax.fori_loop(0, w.shape[0], group, zeros_varying_like(w.shape, jnp.float32, xs, dy))
     return dx, dw.astype(w.dtype), None, None
 
 

@@ -126,8 +126,8 @@ def _fp8_matmul_xla(x, x_scale, w, ws_cols, *, out_dtype, block_k):
         return acc + part * xs * ws
 
     # A loop keeps memory at one [M, N] accumulator where a batched einsum would hold [Kb, M, N].
-    acc0 = zeros_varying_like((m, n), jnp.float32, xp, wp, x_scale, ws_cols)  # shard_map
-    acc = lax.fori_loop(0, kb, step, acc0)
+    acc0 = zeros_varying_like((m, n), jnp.float32, xp, wp, x_scale, ws_cols)
+    acc = lax.fori_loop(0, kb, step, acc0)  # carry typed for shard_map (the EP path)
     return acc.astype(out_dtype)
 
 

@@ -94,7 +94,7 @@ def _gmm_xla_fp8(x, w, group_sizes, x_scale, ws_cols, *, out_dtype, block_k):
         return acc + part * xs * ws[gid]
 
     acc0 = zeros_varying_like((m, n), jnp.float32, xp, wp, x_scale, ws_cols, group_sizes)
-    acc = lax.fori_loop(0, kb, step, acc0)  # (typed for shard_map: the EP path runs it per device)
+    acc = lax.fori_loop(0, kb, step, acc0)  # carry typed for shard_map (the EP path)
     return jnp.where(valid_rows(group_sizes, m), acc, 0.0).astype(out_dtype)
 
 

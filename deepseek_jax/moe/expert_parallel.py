@@ -158,27 +158,19 @@ def global_expert_load(expert_counts: jax.Array, parallel: ParallelConfig) -> ja
 
 
 # ---- the shard_map body ----------------------------------------------------------------------
-def _varying_over(axes: tuple[str, ...], *arrays):
-    """Casts arrays to vary over every one of `axes` (`sharding.logical.vary_over`).
-
-    A custom-VJP kernel (the grouped matmul) must return cotangents typed like its inputs, but a
-    cotangent can vary over more axes than its primal (a weight replicated over `data` gets a
-    gradient per data shard, a token row one per tensor rank). Inputs that already vary over
-    every axis a cotangent can (`EPLayout.varying_axes`) avoid the mismatch; the cast's
-    transpose is the psum that sums such a gradient over the shards (data parallelism).
-    """
-    return vary_over(axes, *arrays)
-
-
 def _local_experts(xs, local_ids, w_gate, w_up, w_down, *, axes=(), fp8: bool = False):
     """SwiGLU of rows xs [N, D] by their local experts (ids in [0, E_l]; E_l = empty) -> [N, D].
 
-    `axes`: the shard_map's manual axes (see `_varying_over`).
+    `axes`: the shard_map's manual axes. The grouped matmul (a custom VJP) must return
+    cotangents typed like its inputs, but a cotangent can vary over more axes than its primal (a
+    weight replicated over `data` gets a gradient per data shard, a token row one per tensor
+    rank). Inputs cast to vary over every such axis (`EPLayout.varying_axes`, `vary_over`) avoid
+    the mismatch; the cast's transpose is the psum that sums such a gradient over the shards.
     """
     E_l = w_gate.shape[0]
     order = jnp.argsort(local_ids, stable=True)
     sizes = jnp.bincount(local_ids, length=E_l + 1)[:E_l].astype(jnp.int32)  # empties last
-    xs_sorted, w_gate, w_up, w_down = _varying_over(axes, xs[order], w_gate, w_up, w_down)
+    xs_sorted, w_gate, w_up, w_down = vary_over(axes, xs[order], w_gate, w_up, w_down)
     ys = swiglu_grouped(xs_sorted, w_gate, w_up, w_down, sizes, fp8)  # [N, D]; empties 0
     return jnp.zeros_like(ys).at[order].set(ys)
 
@@ -281,8 +273,8 @@ def _ragged_exchange(
     p = ragged_plan(jax.lax.all_gather(counts, axis), jax.lax.axis_index(axis), buffer_rows)
     # The collective types its result like its `output` buffer: a buffer that varies over every
     # axis the data does keeps the received rows typed per device (else the autodiff casts of
-    # `_varying_over` would psum their cotangents across devices).
-    buf, back_buf = _varying_over(
+    # `vary_over` would psum their cotangents across devices).
+    buf, back_buf = vary_over(
         manual, jnp.zeros((buffer_rows, D), xs.dtype), jnp.zeros((M * K, D), xs.dtype)
     )
     recv = a2a(
@@ -305,7 +297,7 @@ def _local_dropless(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig):
     FP8 the grouped FP8 kernels. Either way it takes the FP32 master weights and returns FP32
     weight gradients.
     """
-    xc, *ws = _varying_over(layout.varying_axes, xc, *ws)
+    xc, *ws = vary_over(layout.varying_axes, xc, *ws)
     return routed_dropless(xc, r, *ws, fp8=cfg.fp8), jnp.zeros((), jnp.int32)
 
 
