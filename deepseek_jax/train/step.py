@@ -78,8 +78,8 @@ def _split_model(model: DeepSeekModel):
     return graphdef, params, biases, other
 
 
-def _create(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int):
-    model = DeepSeekModel(model_cfg, rngs=nnx.Rngs(seed))
+def _create(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: jax.Array):
+    model = DeepSeekModel(model_cfg, rngs=nnx.Rngs(jax.random.key(seed)))
     _, params, biases, other = _split_model(model)
     params = nnx.to_pure_dict(params)
     return TrainState(
@@ -241,11 +241,22 @@ def init_train_state(
     shapes = _shapes_for(shapes, model_cfg, train_cfg, seed=seed)
     out_shardings = None if mesh is None else shapes.shardings(mesh, rules or {})
     optimizer = shapes.optimizer
-    create = jax.jit(lambda: _create(model_cfg, optimizer, seed), out_shardings=out_shardings)
+    # The seed is an argument, not a constant of the program: every seed of one model and
+    # optimizer runs the same compiled initialiser (a sweep over seeds compiles it once, and the
+    # persistent compilation cache serves it to later processes).
+    seed = _seed_array(seed)
+    create = jax.jit(lambda s: _create(model_cfg, optimizer, s), out_shardings=out_shardings)
     # The initialiser runs once: on CPU, where LLVM optimisation of its many random-number
     # kernels dominates (~2.5x the compile time), compile it unoptimised.
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-    return shapes.graphdef, create.lower().compile(compiler_options=options)()
+    return shapes.graphdef, create.lower(seed).compile(compiler_options=options)(seed)
+
+
+def _seed_array(seed) -> jax.Array:
+    """[] int32 `seed`, which `jax.random.key` maps to the key of the Python int itself."""
+    if not -(2**31) <= int(seed) < 2**31:
+        raise ValueError(f"seed={seed} must fit in int32 (the initialiser takes it as an array)")
+    return jnp.asarray(seed, jnp.int32)
 
 
 def update_biases(

@@ -6,13 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import load_preset
 from deepseek_jax.losses import LossConfig
+from deepseek_jax.model import DeepSeekModel
 from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
 from deepseek_jax.sharding.rules import get_rules
 from deepseek_jax.testing import MODEL_FP32
+from deepseek_jax.train import step as step_module
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import init_train_state, make_train_step, update_biases
 
@@ -138,3 +141,22 @@ def test_init_is_sharded_and_independent_of_the_mesh(setup):
     assert sharded.biases["moe_layers"]["ffn"]["router"]["bias"].sharding.is_fully_replicated
     # The same seed gives the same values, sharded or not.
     chex.assert_trees_all_equal(jax.device_get(sharded), jax.device_get(state))
+
+
+def test_init_takes_the_seed_as_an_argument(setup):
+    cfg, _, state, _ = setup
+    _, other = init_train_state(cfg, _tcfg(), seed=1)
+    # A seed is the key of the Python int (what the model's own nnx.Rngs(seed) draws: eagerly,
+    # so to an ulp of the initialiser's compiled erf_inv) ...
+    model = DeepSeekModel(cfg, rngs=nnx.Rngs(1))
+    np.testing.assert_allclose(other.params["embed"], model.embed[...], rtol=1e-6, atol=0)
+    assert not np.array_equal(other.params["embed"], state.params["embed"])
+    # ... and an argument of one compiled initialiser, not a constant in its program: every seed
+    # of a sweep shares the compile (and the persistent compilation cache entry).
+    hlo = [
+        jax.jit(lambda s: step_module._create(cfg, optax.sgd(0.1), s)).lower(seed).as_text()
+        for seed in (step_module._seed_array(0), step_module._seed_array(12345))
+    ]
+    assert hlo[0] == hlo[1]
+    with pytest.raises(ValueError, match="seed=4294967296 must fit in int32"):
+        init_train_state(cfg, _tcfg(), seed=2**32)
