@@ -278,9 +278,20 @@ def update_biases(
 
 
 def all_finite(tree) -> jax.Array:
-    """[] bool: every floating-point leaf of `tree` is free of NaN and inf."""
+    """[] bool: every floating-point leaf of `tree` is free of NaN and inf.
+
+    The per-leaf flags are counted by a dot product, not and-ed together: XLA rewrites a
+    reduction over stacked scalars into a chain of `and`s, which XLA:CPU's fusion then copies
+    into every fusion that reads the result. In the train step that is each of the per-leaf
+    selects of a skipped step (v3-tiny: 69k HLO instructions instead of 20k after optimisation,
+    twice the compile time). A dot is computed once and read by all.
+    """
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else True
+    if not leaves:
+        return jnp.bool_(True)
+    flags = jnp.stack([jnp.isfinite(x).all() for x in leaves]).astype(jnp.float32)
+    count = jnp.dot(flags, jnp.ones_like(flags), precision=jax.lax.Precision.HIGHEST)
+    return count == len(leaves)  # exact: integers below 2**24
 
 
 def pretrain_objective(
@@ -451,11 +462,11 @@ def make_train_step(
         gamma, lam = schedules(state, _rows(batch) * _tokens_per_row(batch))
         loss, grads, metrics, counts, dropped = grads_and_metrics(state, batch, lam)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         lr = schedule(state.step - state.skipped)  # optax's count = applied updates
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = finite & all_finite((params, opt_state))  # e.g. lr=nan: finite grads
+        # The new state too: e.g. lr=nan with finite gradients.
+        finite = all_finite((loss, grad_norm, params, opt_state))
         biases = state.biases
         if counts is not None and jax.tree.leaves(biases):
             biases = update_biases(graphdef, state, counts, gamma)
