@@ -206,8 +206,12 @@ def cpu_vector_peak(info: dict[str, str] | None = None, cores: int | None = None
 
 
 def calibrate_cpu_matmul(n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` jitted fp32 [n, n] @ [n, n] matmuls on one CPU device."""
-    dev = jax.devices("cpu")[0]
+    """FLOP/s of the best of `repeats` jitted fp32 [n, n] @ [n, n] matmuls on one CPU device.
+
+    The device is this process's own: in a multi-process run `jax.devices()[0]` may belong to
+    another process, where the matmul is not run here and "takes" microseconds.
+    """
+    dev = jax.local_devices(backend="cpu")[0]
     a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()  # compile
@@ -219,6 +223,10 @@ def calibrate_cpu_matmul(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
+# The most a calibration matmul may exceed the vector bound at the cpuinfo clock by (turbo).
+MAX_BOOST = 2.0
+
+
 def cpu_peak(cache: str | None = _CACHE, calibrate: bool = True) -> tuple[float, str]:
     """The machine's fp32 peak FLOP/s on CPU and a sentence saying where it comes from.
 
@@ -226,7 +234,9 @@ def cpu_peak(cache: str | None = _CACHE, calibrate: bool = True) -> tuple[float,
     on this machine: the calibration runs once per process (`_calibration`, under a second) and
     `cache` (keyed by CPU model and core count) keeps the best result across processes, so a
     measurement taken while the machine was busy never lowers the peak. Where the clock boosts
-    above the cpuinfo clock, the matmul is the larger bound.
+    above the cpuinfo clock, the matmul is the larger bound. A calibration above
+    `MAX_BOOST` x the vector bound is not a measurement (no clock boosts that far) and is
+    neither used nor kept.
     """
     info = _cpuinfo()
     key = f"{info.get('model name', '?')}|{_cores()}"
@@ -234,20 +244,32 @@ def cpu_peak(cache: str | None = _CACHE, calibrate: bool = True) -> tuple[float,
     vector = cpu_vector_peak(info)
     if vector is not None:
         options.append(vector)
+
+    def plausible(value) -> bool:
+        ok = isinstance(value, (int, float)) and value > 0
+        return ok and (vector is None or value <= MAX_BOOST * vector[0])
+
     if calibrate:
-        best, where = _calibration(), "measured now"
+        measured = _calibration()
         stored = _read_json(cache).get(key) if cache is not None else None
-        if isinstance(stored, (int, float)) and stored >= best:
-            best, where = float(stored), f"best kept in {cache}"
-        elif cache is not None:
-            try:
-                os.makedirs(os.path.dirname(cache), exist_ok=True)
-                with open(cache, "w") as f:
-                    json.dump({**_read_json(cache), key: best}, f)
-                where = f"measured now, kept in {cache}"
-            except OSError:
-                where = "measured now, cache not writable"
-        options.append((best, f"calibration matmul ({where}): {best / 1e9:.0f} GFLOP/s"))
+        stored = float(stored) if plausible(stored) else None
+        if not plausible(measured):  # e.g. a matmul that did not run: nothing learnt
+            measured = None
+        best = max((v for v in (measured, stored) if v is not None), default=None)
+        if best is not None and best == stored:
+            where = f"best kept in {cache}"
+        elif best is not None:
+            where = "measured now"
+            if cache is not None:
+                try:
+                    os.makedirs(os.path.dirname(cache), exist_ok=True)
+                    with open(cache, "w") as f:
+                        json.dump({**_read_json(cache), key: best}, f)
+                    where = f"measured now, kept in {cache}"
+                except OSError:
+                    where = "measured now, cache not writable"
+        if best is not None:
+            options.append((best, f"calibration matmul ({where}): {best / 1e9:.0f} GFLOP/s"))
     if not options:
         raise ValueError("no CPU peak: /proc/cpuinfo has no clock; set train.peak_flops")
     return max(options, key=lambda o: o[0])

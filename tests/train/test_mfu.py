@@ -2,6 +2,7 @@
 tokens/s counts non-padding tokens."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -69,6 +70,31 @@ def test_cpu_peak_keeps_the_best_calibration(tmp_path, monkeypatch):
     monkeypatch.setattr(flops, "_calibration", lambda: 3e11)
     assert cpu_peak(cache=cache)[0] == 3e11
     assert json.load(open(cache)) == {key: 3e11}
+
+
+def test_cpu_peak_ignores_an_impossible_calibration(tmp_path, monkeypatch):
+    # A matmul on another process's device never runs here and "took" microseconds: 949 TFLOP/s
+    # on a 2-core VM, once kept as the machine's best (MFU 0.01%). Beyond MAX_BOOST x the vector
+    # bound a calibration is neither used nor kept, and a kept one is ignored.
+    info = {"flags": "avx2 fma", "cpu MHz": "2000.0", "model name": "test cpu"}
+    monkeypatch.setattr(flops, "_cpuinfo", lambda: info)
+    monkeypatch.setattr(flops, "_cores", lambda: 1)
+    vector = 8 * 2 * 2 * 2.0e9
+    cache = str(tmp_path / "peak.json")
+    monkeypatch.setattr(flops, "_calibration", lambda: 9.5e14)
+    value, how = cpu_peak(cache=cache)
+    assert value == vector and "cpuinfo" in how
+    assert not os.path.exists(cache)
+    json.dump({"test cpu|1": 9.5e14}, open(cache, "w"))
+    monkeypatch.setattr(flops, "_calibration", lambda: 1.5 * vector)  # turbo: believable
+    value, how = cpu_peak(cache=cache)
+    assert value == 1.5 * vector and "measured now, kept" in how
+    assert json.load(open(cache)) == {"test cpu|1": 1.5 * vector}
+
+
+def test_calibration_runs_on_a_device_of_this_process(monkeypatch):
+    monkeypatch.setattr(jax, "devices", lambda *a, **k: pytest.fail("may be another process's"))
+    assert flops.calibrate_cpu_matmul(n=128, repeats=1) > 0
 
 
 def test_describe_peak_splits_the_machine_over_cpu_devices():
