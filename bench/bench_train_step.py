@@ -3,8 +3,8 @@
 Each preset runs `--steps` timed steps after one untimed compile step on a fixed random batch
 (B x T int32 tokens, one document per row), through `deepseek_jax.train.make_train_step` with the
 run defaults of configs/train-v3-small.yaml (AdamW, bias update, MTP). Prints a markdown table;
-FLOPs per token and the peak come from deepseek_jax/train/flops.py (CPU: 1e11 FLOP/s per device
-unless --peak-flops is given).
+FLOPs per token and the peak come from deepseek_jax/train/flops.py (on CPU the machine's peak,
+`cpu_peak`, unless --peak-flops is given).
 
     python bench/bench_train_step.py
     python bench/bench_train_step.py --presets v3-small --batch 8 --seq 256 --set remat=none
@@ -90,7 +90,7 @@ def main() -> None:
         help="ModelConfig changes, e.g. remat=none moe_impl=capacity",
     )
     parser.add_argument(
-        "--peak-flops", type=float, default=None, help="per device (CPU default 1e11)"
+        "--peak-flops", type=float, default=None, help="per device (default: flops.peak_flops)"
     )
     args = parser.parse_args()
     changes = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
