@@ -246,25 +246,20 @@ def cpu_peak(cache: str | None = _CACHE, calibrate: bool = True) -> tuple[float,
         options.append(vector)
 
     def plausible(value) -> bool:
-        ok = isinstance(value, (int, float)) and value > 0
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         return ok and (vector is None or value <= MAX_BOOST * vector[0])
 
     if calibrate:
-        measured = _calibration()
-        stored = _read_json(cache).get(key) if cache is not None else None
-        stored = float(stored) if plausible(stored) else None
-        if not plausible(measured):  # e.g. a matmul that did not run: nothing learnt
-            measured = None
-        best = max((v for v in (measured, stored) if v is not None), default=None)
-        if best is not None and best == stored:
-            where = f"best kept in {cache}"
-        elif best is not None:
-            where = "measured now"
+        kept = _read_json(cache) if cache is not None else {}
+        measured, stored = _calibration(), kept.get(key)
+        best = None
+        if plausible(stored) and (not plausible(measured) or stored >= measured):
+            best, where = float(stored), f"best kept in {cache}"
+        elif plausible(measured):  # an implausible one (a matmul that did not run) is dropped
+            best, where = measured, "measured now"
             if cache is not None:
                 try:
-                    os.makedirs(os.path.dirname(cache), exist_ok=True)
-                    with open(cache, "w") as f:
-                        json.dump({**_read_json(cache), key: best}, f)
+                    _write_json(cache, {**kept, key: measured})
                     where = f"measured now, kept in {cache}"
                 except OSError:
                     where = "measured now, cache not writable"
@@ -279,6 +274,20 @@ def cpu_peak(cache: str | None = _CACHE, calibrate: bool = True) -> tuple[float,
 def _calibration() -> float:
     """`calibrate_cpu_matmul()`, once per process."""
     return calibrate_cpu_matmul()
+
+
+def _write_json(path: str, value: dict) -> None:
+    """Writes `path` whole or not at all: processes of one run (or test workers) calibrate at
+    the same time, and a reader must never see a half-written file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _read_json(path: str) -> dict:

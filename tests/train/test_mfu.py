@@ -92,6 +92,23 @@ def test_cpu_peak_ignores_an_impossible_calibration(tmp_path, monkeypatch):
     assert json.load(open(cache)) == {"test cpu|1": 1.5 * vector}
 
 
+def test_a_failed_cache_write_keeps_the_old_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(flops, "_cpuinfo", lambda: {"model name": "test cpu"})
+    cache = tmp_path / "peak.json"
+    old = {"other cpu|4": 1e11, f"test cpu|{flops._cores()}": 1e11}
+    cache.write_text(json.dumps(old))
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(flops, "_calibration", lambda: 2e11)
+    monkeypatch.setattr(json, "dump", fail)
+    value, how = cpu_peak(cache=str(cache))
+    assert value == 2e11 and "cache not writable" in how
+    assert json.loads(cache.read_text()) == old  # whole, as before
+    assert os.listdir(tmp_path) == ["peak.json"]  # no temporary file left
+
+
 def test_calibration_runs_on_a_device_of_this_process(monkeypatch):
     monkeypatch.setattr(jax, "devices", lambda *a, **k: pytest.fail("may be another process's"))
     assert flops.calibrate_cpu_matmul(n=128, repeats=1) > 0
