@@ -238,18 +238,19 @@ def init_train_state(
       (graphdef, state): `nnx.merge(graphdef, state.params, state.biases, state.other)` is the
       model.
     """
-    shapes = _shapes_for(shapes, model_cfg, train_cfg, seed=seed)
-    out_shardings = None if mesh is None else shapes.shardings(mesh, rules or {})
-    optimizer = shapes.optimizer
     # The seed is an argument, not a constant of the program: every seed of one model and
     # optimizer runs the same compiled initialiser (a sweep over seeds compiles it once, and the
     # persistent compilation cache serves it to later processes).
-    seed = _seed_array(seed)
+    seed_array = _seed_array(seed)
+    shapes = _shapes_for(shapes, model_cfg, train_cfg, seed=seed)
+    out_shardings = None if mesh is None else shapes.shardings(mesh, rules or {})
+    optimizer = shapes.optimizer
     create = jax.jit(lambda s: _create(model_cfg, optimizer, s), out_shardings=out_shardings)
     # The initialiser runs once: on CPU, where LLVM optimisation of its many random-number
     # kernels dominates (~2.5x the compile time), compile it unoptimised.
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-    return shapes.graphdef, create.lower(seed).compile(compiler_options=options)(seed)
+    compiled = create.lower(seed_array).compile(compiler_options=options)
+    return shapes.graphdef, compiled(seed_array)
 
 
 def _seed_array(seed) -> jax.Array:
