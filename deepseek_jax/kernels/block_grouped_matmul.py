@@ -25,6 +25,9 @@ Used by the dropless MoE on CPU (deepseek_jax/moe/ `routed_blocked`). Its plain 
 
 from __future__ import annotations
 
+import functools
+import itertools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -33,9 +36,17 @@ from jax import lax
 
 from deepseek_jax.sharding.logical import zeros_varying_like
 
+from .quant import (
+    DEFAULT_BLOCK,
+    dequantize_weight,
+    quantize_dequantize_activation,
+    quantize_weight,
+)
+
 __all__ = [
     "BlockLayout",
     "block_gmm",
+    "block_gmm_fp8",
     "block_layout",
     "choose_block",
     "combine",
@@ -253,30 +264,36 @@ def _block_gmm_fwd(xs, w, tile_group, used):
     return _loop_gmm(xs, w, tile_group, used), (xs, w, tile_group, used)
 
 
-def _block_gmm_bwd(res, dy):
-    xs, w, tile_group, used = res
+def _loop_wgrad(xs, dy, tile_group, used, num_groups):
+    """dw[g] = sum over g's tiles of xs_t^T dy_t, accumulated in FP32: [E, K, N] float32."""
     T = tile_group.shape[0]
     b = xs.shape[0] // T
-    dy = dy.astype(xs.dtype)
-    # dy @ w[g]^T, in xs.dtype (one transposed copy of w: folding the transpose into each
-    # product measured 2% slower)
-    dx = _loop_gmm(dy, w.transpose(0, 2, 1), tile_group, used)
-    start, end = _group_tiles(tile_group, used, w.shape[0])
-    sizes = _chunk_sizes(T, w.shape[0])
+    start, end = _group_tiles(tile_group, used, num_groups)
+    sizes = _chunk_sizes(T, num_groups)
+    shape = (num_groups, xs.shape[1], dy.shape[1])
 
-    def group(g, dw):  # dw[g] = sum over g's chunks of x_c^T dy_c, accumulated in FP32
+    def group(g, dw):
         def chunk(row, size, acc):
             x_c = lax.dynamic_slice_in_dim(xs, row, size)
             dy_c = lax.dynamic_slice_in_dim(dy, row, size)
             return acc + jnp.dot(x_c.T, dy_c, preferred_element_type=jnp.float32)
 
         acc = _over_chunks(
-            start[g], end[g], b, sizes, chunk, zeros_varying_like(w.shape[1:], jnp.float32, xs, dy)
+            start[g], end[g], b, sizes, chunk, zeros_varying_like(shape[1:], jnp.float32, xs, dy)
         )
         return lax.dynamic_update_index_in_dim(dw, acc, g, 0)
 
     with jax.named_scope("block_gmm"):
-        dw = lax.fori_loop(0, w.shape[0], group, zeros_varying_like(w.shape, jnp.float32, xs, dy))
+        return lax.fori_loop(0, num_groups, group, zeros_varying_like(shape, jnp.float32, xs, dy))
+
+
+def _block_gmm_bwd(res, dy):
+    xs, w, tile_group, used = res
+    dy = dy.astype(xs.dtype)
+    # dy @ w[g]^T, in xs.dtype (one transposed copy of w: folding the transpose into each
+    # product measured 2% slower)
+    dx = _loop_gmm(dy, w.transpose(0, 2, 1), tile_group, used)
+    dw = _loop_wgrad(xs, dy, tile_group, used, w.shape[0])
     return dx, dw.astype(w.dtype), None, None
 
 
@@ -309,3 +326,116 @@ def block_gmm(xs: jax.Array, w: jax.Array, layout: BlockLayout) -> jax.Array:
     if xs.dtype != w.dtype and w.dtype != jnp.float32:
         raise TypeError(f"xs.dtype={xs.dtype} must equal w.dtype={w.dtype} (or w be float32)")
     return _block_gmm(xs, w, layout.tile_group, layout.tiles_used)
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-tile product in FP8 (DeepSeek-V3 recipe, Sec. 3.3).
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_quant(a, sizes, block_size, power_of_two_scale):
+    """a [P, sum(sizes)] rounded through E4M3 in 1 x block_size tiles along each column piece
+    (pieces quantized apart, as separate products would be), in FP32."""
+    pieces = jnp.split(a, list(itertools.accumulate(sizes))[:-1], axis=1)
+    return jnp.concatenate(
+        [
+            quantize_dequantize_activation(
+                p, block_size=block_size, power_of_two_scale=power_of_two_scale
+            )
+            for p in pieces
+        ],
+        axis=1,
+    )
+
+
+def _block_gmm_fp8_fwd(xs, ws, tile_group, used, w_dtypes, block_size, power_of_two_scale):
+    del w_dtypes
+    q = tuple(
+        quantize_weight(w, block_size=block_size, power_of_two_scale=power_of_two_scale) for w in ws
+    )  # per expert 128 x 128 blocks, each weight on its own grid
+    w_fp32 = jnp.concatenate([dequantize_weight(*wq, block_size=block_size) for wq in q], -1)
+    x_fp32 = _fake_quant(xs, (xs.shape[1],), block_size, power_of_two_scale)
+    out = _loop_gmm(x_fp32, w_fp32, tile_group, used).astype(xs.dtype)
+    return out, (xs, q, tile_group, used)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _block_gmm_fp8(xs, ws, tile_group, used, w_dtypes, block_size, power_of_two_scale):
+    args = (w_dtypes, block_size, power_of_two_scale)
+    return _block_gmm_fp8_fwd(xs, ws, tile_group, used, *args)[0]
+
+
+def _block_gmm_fp8_bwd(w_dtypes, block_size, power_of_two_scale, res, dy):
+    xs, q, tile_group, used = res
+    sizes = tuple(wq.shape[2] for wq, _ in q)
+    w_fp32 = jnp.concatenate([dequantize_weight(*wq, block_size=block_size) for wq in q], -1)
+    # Dgrad: dy in 1 x 128 tiles along N (each weight's columns apart) against the forward's
+    # FP8 weights, transposed.
+    dy_fp32 = _fake_quant(dy, sizes, block_size, power_of_two_scale)
+    dx = _loop_gmm(dy_fp32, w_fp32.transpose(0, 2, 1), tile_group, used).astype(xs.dtype)
+    # Wgrad contracts over the rows: xs and dy in 128 x 1 tiles along them, aligned to the padded
+    # layout (a 128-row tile may span tiles of two groups, as in grouped_matmul_fp8). Rows past
+    # the tiles in use are zeroed first so they cannot inflate a tile's amax.
+    live = (jnp.arange(xs.shape[0]) < used * (xs.shape[0] // tile_group.shape[0]))[:, None]
+    quant_rows = functools.partial(
+        quantize_dequantize_activation,
+        block_size=block_size,
+        axis=0,
+        power_of_two_scale=power_of_two_scale,
+    )
+    x_rows = quant_rows(jnp.where(live, xs, 0))
+    dy_rows = quant_rows(jnp.where(live, dy, 0))
+    dw = _loop_wgrad(x_rows, dy_rows, tile_group, used, w_fp32.shape[0])  # [E, K, sum N] FP32
+    dws = jnp.split(dw, list(itertools.accumulate(sizes))[:-1], axis=-1)
+    return dx, tuple(d.astype(t) for d, t in zip(dws, w_dtypes, strict=True)), None, None
+
+
+_block_gmm_fp8.defvjp(_block_gmm_fp8_fwd, _block_gmm_fp8_bwd)
+
+
+def block_gmm_fp8(
+    xs: jax.Array,
+    w: jax.Array | Sequence[jax.Array],
+    layout: BlockLayout,
+    *,
+    block_size: int = DEFAULT_BLOCK,
+    power_of_two_scale: bool = False,
+) -> jax.Array:
+    """`block_gmm` under the DeepSeek-V3 FP8 recipe, differentiable (custom VJP).
+
+    The same products as `grouped_matmul_fp8` with the rows in the padded tile layout:
+    forward, xs in 1 x 128 tiles against each expert's weight in 128 x 128 blocks; dgrad, dy in
+    1 x 128 tiles against the forward's FP8 weights; wgrad, xs and dy in 128 x 1 tiles along the
+    rows, FP32 accumulation, returned in w's dtype. The quantized operands are multiplied
+    dequantized in FP32 (E4M3 values times their FP32 scales), which is the FP8 product with FP32
+    accumulation up to FP32 rounding; on a CPU, where no FP8 matmul exists, this keeps the work at
+    the routed FLOPs plus padding, where `grouped_matmul_fp8`'s `ragged_dot` costs E times them.
+    `grouped_matmul_fp8` over the padded rows (group sizes = tiles per group x block) is its twin,
+    held equal forward and VJP by tests/kernels/test_block_grouped_matmul.py.
+
+    Args:
+      xs: [P, K] slots in tiles of one group each (`dispatch`), bf16/fp32.
+      w: [E, K, N] expert weights (bf16/fp32), or a tuple of them (e.g. gate and up projections):
+        each is quantized on its own block grid and their products come back side by side along
+        N, from one product per tile.
+      layout: the `block_layout` that placed the rows.
+      block_size: the quantization block (128 in V3).
+      power_of_two_scale: round every scale up to a power of two.
+    Returns:
+      [P, sum N] in xs.dtype; zero rows for padding slots. dx in xs.dtype, dw in each w's dtype.
+    """
+    ws = (w,) if isinstance(w, jax.Array) else tuple(w)
+    for i, wi in enumerate(ws):
+        if xs.ndim != 2 or wi.ndim != 3 or xs.shape[1] != wi.shape[1]:
+            raise ValueError(
+                f"xs must be [P, K] and w[{i}] [E, K, N], got xs{xs.shape} and w{wi.shape}"
+            )
+    if len({wi.shape[0] for wi in ws}) != 1:
+        raise ValueError(f"the weights disagree on the expert count: {[wi.shape for wi in ws]}")
+    (T,) = layout.tile_group.shape
+    if xs.shape[0] != T * layout.block:
+        raise ValueError(f"xs rows {xs.shape[0]} must equal {T} tiles x block {layout.block}")
+    w_dtypes = tuple(jnp.dtype(wi.dtype) for wi in ws)
+    return _block_gmm_fp8(
+        xs, ws, layout.tile_group, layout.tiles_used, w_dtypes, block_size, power_of_two_scale
+    )

@@ -19,6 +19,7 @@ from deepseek_jax import fp8_weights
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.kernels.block_grouped_matmul import (
     block_gmm,
+    block_gmm_fp8,
     block_layout,
     choose_block,
     combine,
@@ -37,7 +38,8 @@ def routed_dropless(
       x: [M, D] tokens; r: routing with weights/experts [M, K].
       w_gate, w_up: [E, D, F]; w_down: [E, F, D], in x.dtype or FP32 master weights (the
         blocked path then returns FP32 weight gradients, V3 Sec. 3.3.3).
-      fp8: V3 FP8 recipe (always the grouped kernels, as are stored `Fp8Weight` experts).
+      fp8: V3 FP8 recipe (Sec. 3.3), blocked or grouped alike. Stored `Fp8Weight` serving
+        experts always take the grouped kernels, which dequantise per K block.
       gmm: "blocked" (kernels/block_grouped_matmul.py: tiles of one expert, routed FLOPs plus
         padding), "grouped" (`grouped_matmul`: ragged_dot / Pallas) or "auto" (blocked on CPU,
         where XLA's ragged_dot costs about E times the routed FLOPs; grouped elsewhere).
@@ -49,9 +51,8 @@ def routed_dropless(
     if gmm == "auto":
         gmm = "blocked" if jax.default_backend() == "cpu" else "grouped"
     stored_fp8 = isinstance(w_gate, fp8_weights.Fp8Weight)
-    if gmm == "blocked" and not fp8 and not stored_fp8:
-        # Stored FP8 serving weights always take the grouped kernels, which dequantise per tile.
-        return routed_blocked(x, r, w_gate, w_up, w_down)
+    if gmm == "blocked" and not stored_fp8:
+        return routed_blocked(x, r, w_gate, w_up, w_down, fp8=fp8)
     # `grouped_matmul` (FP8 or not) takes FP32 master weights itself and returns FP32 dW
     M, K = r.experts.shape
     E = w_gate.shape[0]
@@ -64,11 +65,13 @@ def routed_dropless(
     return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype))
 
 
-def routed_blocked(x: jax.Array, r: Routing, w_gate, w_up, w_down) -> jax.Array:
+def routed_blocked(x: jax.Array, r: Routing, w_gate, w_up, w_down, fp8: bool = False) -> jax.Array:
     """Dropless routed experts as block-sparse tile products (same contract as routed_dropless).
 
     FP32 (master) weights stay FP32 here: `block_gmm` casts each tile's weight to x.dtype and
     accumulates the weight gradient in FP32, so a BF16-compute step never rounds dW to BF16.
+    `fp8`: the products follow the V3 FP8 recipe (`block_gmm_fp8`), the gate and up weights
+    quantized apart, as `grouped_matmul_fp8` does.
     """
     w_gate, w_up, w_down = (
         w if w.dtype == jnp.float32 else w.astype(x.dtype) for w in (w_gate, w_up, w_down)
@@ -77,6 +80,10 @@ def routed_blocked(x: jax.Array, r: Routing, w_gate, w_up, w_down) -> jax.Array:
     E, F = w_gate.shape[0], w_gate.shape[2]
     layout = block_layout(r.experts.reshape(-1), E, choose_block(M * K, E))
     xs = dispatch(x, layout, K)  # [P, D], P = tiles * block, rows of one expert per tile
+    if fp8:
+        gate, up = jnp.split(block_gmm_fp8(xs, (w_gate, w_up), layout), [F], axis=-1)  # [P, F]
+        ys = block_gmm_fp8(jax.nn.silu(gate) * up, w_down, layout)  # [P, D]
+        return combine(ys, r.weights, layout)  # [M, D]
     w_gate_up = jnp.concatenate([w_gate, w_up], axis=-1)  # [E, D, 2F]: one product for both
     gate, up = jnp.split(block_gmm(xs, w_gate_up, layout), [F], axis=-1)  # [P, F]
     ys = block_gmm(jax.nn.silu(gate) * up, w_down, layout)  # [P, D]

@@ -1,4 +1,5 @@
-"""Block-sparse grouped GEMM and the blocked dropless MoE vs ragged_dot and one-hot references."""
+"""Block-sparse grouped GEMM and the blocked dropless MoE vs ragged_dot and one-hot references;
+its FP8 form vs grouped_matmul_fp8."""
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,65 @@ def test_dropless_auto_is_blocked_on_cpu_and_bf16_stays_close():
     assert_close(blocked, ref, jnp.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_block_gmm_fp8_equals_grouped_fp8_over_the_padded_rows(dtype):
+    # The blocked FP8 product is grouped_matmul_fp8 with the rows in the padded layout (group
+    # sizes = tiles x block): the same 1 x 128 / 128 x 128 / 128 x 1 tiles, so the same values
+    # up to FP32 rounding (BF16 outputs: to a BF16 unit), forward and VJP. 368 rows (three
+    # 128-row wgrad tiles), K = 200 (two 128-wide blocks), gate and up with 72 columns each and
+    # 10x apart in size: quantizing their concatenation on one grid would share scales across
+    # them and fail this.
+    k, n = 200, 72
+    experts = jnp.asarray(ROUTINGS["long"].reshape(-1), jnp.int32)
+    lay = bgm.block_layout(experts, E, 8)
+    xs = jnp.take(_normal((experts.shape[0], k), 10, dtype), lay.source, 0, mode="fill")
+    w_gate, w_up = 0.1 * _normal((E, k, n), 11), _normal((E, k, n), 12)  # FP32 master weights
+    tiles = np.bincount(np.asarray(lay.tile_group)[: int(lay.tiles_used)], minlength=E)
+    sizes = jnp.asarray(tiles * lay.block, jnp.int32)
+    live = np.arange(xs.shape[0]) < int(lay.tiles_used) * lay.block  # rows of tiles in use
+    cot = jnp.where(live[:, None], _normal((xs.shape[0], 2 * n), 13, dtype), 0)
+
+    def blocked(xs, w_gate, w_up):
+        return bgm.block_gmm_fp8(xs, (w_gate, w_up), lay)
+
+    def grouped(xs, w_gate, w_up):
+        return jnp.concatenate(
+            [gm.grouped_matmul_fp8(xs, w, sizes, impl="xla") for w in (w_gate, w_up)], axis=-1
+        )
+
+    got, want = (jax.vjp(jax.jit(f), xs, w_gate, w_up) for f in (blocked, grouped))
+    got, want = (got[0], *got[1](cot)), (want[0], *want[1](cot))
+    assert [a.dtype for a in got] == [dtype, dtype, jnp.float32, jnp.float32]
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, a.dtype)
+    assert not np.asarray(got[0])[~live].any()  # padding slots stay zero
+
+
+@pytest.mark.parametrize("name", ["spread", "skewed"])
+def test_blocked_fp8_moe_equals_grouped_fp8_and_tracks_exact(name):
+    r = _routing(name)
+    x = _normal((r.experts.shape[0], D), 8)
+    ws = _moe_case()
+    cot = _normal(x.shape, 9)
+
+    def run(fn):
+        def f(x, g, *w):
+            return fn(x, Routing(g, r.experts, None), *w)
+
+        y, vjp = jax.vjp(jax.jit(f), x, r.weights, *ws)
+        return (y, *vjp(cot))
+
+    blocked = run(lambda *a: routed_dropless(*a, fp8=True, gmm="blocked"))
+    grouped = run(lambda *a: routed_dropless(*a, fp8=True, gmm="grouped"))
+    auto = run(lambda *a: routed_dropless(*a, fp8=True))  # CPU: blocked
+    exact = run(routed_reference)
+    for got, theirs, mine, want in zip(blocked, grouped, auto, exact, strict=True):
+        assert_close(got, theirs)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(mine))
+        want = np.asarray(want)
+        assert 0 < np.linalg.norm(got - want) / np.linalg.norm(want) < 2.0**-3  # FP8, not exact
+
+
 def test_choose_block_bounds_padding():
     assert bgm.choose_block(8192, 16) == 64  # v3-small, B x T = 8 x 256, top-4 of 16
     assert bgm.choose_block(32, 8) == 8  # tiny batches: the smallest tile
@@ -144,5 +204,9 @@ def test_errors_name_the_operands():
         bgm.block_gmm(jnp.zeros((16, D)), jnp.zeros((E, D, F)), lay)
     with pytest.raises(TypeError, match="xs.dtype"):
         bgm.block_gmm(jnp.zeros((32, D)), jnp.zeros((E, D, F), jnp.bfloat16), lay)
+    with pytest.raises(ValueError, match=r"w\[1\] \[E, K, N\]"):
+        bgm.block_gmm_fp8(jnp.zeros((32, D)), (jnp.zeros((E, D, F)), jnp.zeros((E, F, D))), lay)
+    with pytest.raises(ValueError, match="expert count"):
+        bgm.block_gmm_fp8(jnp.zeros((32, D)), (jnp.zeros((E, D, F)), jnp.zeros((2, D, F))), lay)
     with pytest.raises(ValueError, match="gmm='ragged'"):
         routed_dropless(jnp.zeros((2, D)), _routing("single"), *_moe_case(), gmm="ragged")
