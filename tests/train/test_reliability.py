@@ -350,3 +350,25 @@ def test_metrics_jsonl_never_holds_bare_nan(tmp_path):
     record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
     assert record["loss"] is None and record["grad_norm"] is None
     assert record["dropped"] == [1.0, None]
+
+
+def test_tensorboard_writer_leaves_torch_unloaded(tmp_path):
+    # tensorboardX imports torch when it can (1.2 s and ~190 MB per training process, torch
+    # being installed here); the logger keeps it out, and the process can still import it.
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from deepseek_jax.train.metrics import MetricsLogger
+        logger = MetricsLogger({str(tmp_path)!r}, total_steps=1, progress=False)
+        logger.log(1, {{"loss": 1.5, "expert_load": [[0.5, 0.5]]}})
+        logger.close()
+        assert "tensorboardX" in sys.modules and "torch" not in sys.modules
+        import torch
+        print("torch", torch.__version__)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "torch " in out.stdout
+    [events] = os.listdir(tmp_path / "tb")
+    assert (tmp_path / "tb" / events).stat().st_size > 0
