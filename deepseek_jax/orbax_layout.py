@@ -9,8 +9,12 @@ Hugging Face hub layout (`deepseek_jax.hf`).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -139,8 +143,90 @@ def load_orbax(
     for path, var in nnx.to_flat_state(state):
         path = tuple(str(p) for p in path)
         target[path] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(path, var))
-    restored = ocp.StandardCheckpointer().restore(directory, traverse_util.unflatten_dict(target))
+    _check_chunks(directory)
+    with quiet_abandoned_reads():
+        try:
+            restored = ocp.StandardCheckpointer().restore(
+                directory, traverse_util.unflatten_dict(target)
+            )
+        except Exception as e:  # Orbax raises a bare Exception per failed read
+            raise _restore_error(directory, e) from e
     return _merge(graphdef, state, traverse_util.flatten_dict(restored))
+
+
+def _check_chunks(directory: str) -> None:
+    """Raises CheckpointError naming the first zarr v2 array of `directory` with a chunk file
+    missing (an interrupted copy), before any read starts.
+
+    Found during the restore instead, the failure abandons Orbax's reads of the other arrays, and
+    their TensorStore callbacks print one "Event loop is closed" traceback each. Arrays whose
+    fill value is null (what Orbax writes) store every chunk; others, OCDBT and zarr3 layouts are
+    left to the restore.
+    """
+    for name in sorted(os.listdir(directory)):
+        meta_path = os.path.join(directory, name, ".zarray")
+        if not os.path.isfile(meta_path):
+            continue
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("fill_value") is not None:
+            continue
+        grid = [-(-n // c) for n, c in zip(meta["shape"], meta["chunks"], strict=True)]
+        sep = meta.get("dimension_separator", ".")
+        present = set(os.listdir(os.path.join(directory, name)))
+        for index in itertools.product(*(range(g) for g in grid)):
+            key = sep.join(map(str, index)) if index else "0"
+            if key not in present:
+                chunk = "{" + ", ".join(map(str, index)) + "}"
+                raise st.CheckpointError(
+                    f"{directory}: cannot read Orbax array {name!r}: chunk {chunk} (file "
+                    f"{os.path.join(directory, name, key)}) is missing"
+                )
+
+
+def _restore_error(directory: str, error: BaseException) -> st.CheckpointError:
+    """A CheckpointError naming the array whose read failed (e.g. a corrupt chunk).
+
+    Orbax wraps TensorStore's error (e.g. `FAILED_PRECONDITION: Error reading local file
+    ".../<array>/1.0": ZSTD_decompressStream() failed`) in an Exception whose text is the whole
+    TensorStore spec; the wrapped error names the file, whose folder under `directory` is the
+    array.
+    """
+    cause = error
+    while cause is not None and not isinstance(cause, ValueError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return st.CheckpointError(f"{directory}: cannot restore the Orbax checkpoint: {error}")
+    detail = str(cause)
+    found = re.search(r'local file "([^"]+)"', detail)
+    if found:
+        rel = os.path.relpath(found.group(1), directory).split(os.sep)
+        if len(rel) > 1 and rel[0] != "..":
+            return st.CheckpointError(f"{directory}: cannot read Orbax array {rel[0]!r}: {detail}")
+    return st.CheckpointError(f"{directory}: cannot restore the Orbax checkpoint: {detail}")
+
+
+@contextlib.contextmanager
+def quiet_abandoned_reads():
+    """Silences asyncio's "Event loop is closed" reports while a failing restore is abandoned.
+
+    When one array of a step cannot be read, Orbax's restore raises while the reads of the other
+    arrays are still scheduled on its event loop; their callbacks then fire into a closed loop
+    and asyncio logs each one as an error with a traceback (hundreds per step). The failure itself
+    is reported by the caller (`load_orbax`, `train.checkpoint.Checkpointer.restore`); everything
+    else asyncio logs passes through.
+    """
+    logger = logging.getLogger("asyncio")
+
+    def drop_closed_loop(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc))
+
+    logger.addFilter(drop_closed_loop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_closed_loop)
 
 
 def is_orbax_checkpoint(directory: str) -> bool:

@@ -17,7 +17,6 @@ damaged files.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -41,6 +40,7 @@ try:  # private in orbax (no public alias); only the save-time tuning below depe
 except ImportError:  # a later orbax moved it: save with orbax's own handler (same files)
     array_metadata_store = None
 
+from deepseek_jax.orbax_layout import quiet_abandoned_reads
 from deepseek_jax.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ class Checkpointer:
         failures: list[tuple[int, Exception]] = []
         for step in reversed(steps):
             try:
-                with _quiet_asyncio():
+                with quiet_abandoned_reads():
                     restored = self._manager.restore(
                         step,
                         args=ocp.args.Composite(
@@ -320,7 +320,7 @@ class Checkpointer:
         """(step, run config) stored with the newest step whose metadata reads, or None."""
         for step in reversed(self.all_steps()):
             try:
-                with _quiet_asyncio():
+                with quiet_abandoned_reads():
                     meta = self._manager.restore(
                         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
                     )["meta"]
@@ -336,25 +336,3 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-@contextlib.contextmanager
-def _quiet_asyncio():
-    """Silences asyncio's "Event loop is closed" reports while a failing restore is abandoned.
-
-    When one array of a step cannot be read, Orbax's restore raises while the reads of the other
-    arrays are still scheduled on its event loop; their callbacks then fire into a closed loop
-    and asyncio logs each one as an error with a traceback (hundreds per step). The failure itself
-    is reported by `Checkpointer.restore`; everything else asyncio logs passes through.
-    """
-    logger = logging.getLogger("asyncio")
-
-    def drop_closed_loop(record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc))
-
-    logger.addFilter(drop_closed_loop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop_closed_loop)
