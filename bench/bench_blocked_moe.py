@@ -4,11 +4,13 @@
     python bench/bench_blocked_moe.py --tokens 256 --rounds 3
 
 One MoE layer's routed experts (`deepseek_jax.moe.routed_dropless`, the `gmm` argument picks the
-plan), forward and backward (the gradients of x, the gates and the three expert weights) under
-`jax.jit`, on random tokens routed top-K by random affinities. Each configuration compiles once;
-then `--rounds` rounds time every configuration in turn (interleaved, so a machine whose speed
-drifts treats them alike) and the table gives the median. The speed-up column compares each
-"blocked" row with the "grouped" row of the same precision, measured in the same rounds.
+plan) under `jax.jit`, on random tokens routed top-K by random affinities: in training, forward and
+backward (the gradients of x, the gates and the three expert weights) in the compute dtype and in
+the V3 FP8 recipe; in serving, the forward with the experts stored in FP8 (`fp8_weights`).
+Each configuration compiles once; then `--rounds` rounds time every configuration in turn
+(interleaved, so a machine whose speed drifts treats them alike) and the table gives the median.
+The speed-up column compares each "blocked" row with the "grouped" row of the same precision
+and pass, measured in the same rounds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax import fp8_weights
 from deepseek_jax.config import load_preset
 from deepseek_jax.moe import routed_dropless
 from deepseek_jax.moe.router import Routing
@@ -49,6 +52,13 @@ def _step(gmm: str, fp8: bool, experts):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
+def _serve(gmm: str, experts):
+    def forward(x, gates, *stored):
+        return routed_dropless(x, Routing(gates, experts, None), *stored, gmm=gmm)
+
+    return jax.jit(forward)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="v3-small")
@@ -60,18 +70,24 @@ def main() -> None:
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
     x, gates, experts, ws = _case(args.tokens, d, f, e, k, jnp.dtype(args.dtype))
+    stored = [fp8_weights.quantize(w, stack_dims=1) for w in ws]
+    cases = {}  # (precision, pass, plan) -> (function, its expert weights)
+    for gmm in ("grouped", "blocked"):
+        cases[(args.dtype, "train", gmm)] = (_step(gmm, False, experts), ws)
+    for gmm in ("grouped", "blocked"):
+        cases[("FP8 (V3 recipe)", "train", gmm)] = (_step(gmm, True, experts), ws)
+    for gmm in ("grouped", "blocked"):
+        cases[("FP8 stored (serving)", "forward", gmm)] = (_serve(gmm, experts), stored)
     rows = {}
-    for fp8 in (False, True):
-        for gmm in ("grouped", "blocked"):
-            fn = _step(gmm, fp8, experts)
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(x, gates, *ws))
-            rows[(fp8, gmm)] = (fn, time.perf_counter() - t0, [])
+    for key, (fn, weights) in cases.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x, gates, *weights))
+        rows[key] = (time.perf_counter() - t0, [])
     for _ in range(args.rounds):
-        for fn, _, times in rows.values():
+        for key, (fn, weights) in cases.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(x, gates, *ws))
-            times.append(time.perf_counter() - t0)
+            jax.block_until_ready(fn(x, gates, *weights))
+            rows[key][1].append(time.perf_counter() - t0)
     dev = jax.devices()[0]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
@@ -79,14 +95,14 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, load average {load:.1f}; {args.preset}: {args.tokens} tokens, "
         f"E={e} top-{k}, D={d}, F={f}, tokens in {args.dtype}, FP32 master weights\n"
     )
-    print("| precision | plan | first call (s) | forward + backward (ms) | blocked speed-up |")
-    print("|---|---|---|---|---|")
-    for (fp8, gmm), (_, first, times) in rows.items():
+    print("| precision | pass | plan | first call (s) | time (ms) | blocked speed-up |")
+    print("|---|---|---|---|---|---|")
+    for (name, kind, gmm), (first, times) in rows.items():
         ms = 1e3 * statistics.median(times)
-        base = 1e3 * statistics.median(rows[(fp8, "grouped")][2])
+        base = 1e3 * statistics.median(rows[(name, kind, "grouped")][1])
         speedup = f"{base / ms:.2f}x" if gmm == "blocked" else ""
-        name = "FP8 (V3 recipe)" if fp8 else args.dtype
-        print(f"| {name} | {gmm} | {first:.1f} | {ms:.1f} | {speedup} |")
+        what = "forward + backward" if kind == "train" else "forward"
+        print(f"| {name} | {what} | {gmm} | {first:.1f} | {ms:.1f} | {speedup} |")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.kernels.backend import BlockSizes, cdiv
+from deepseek_jax.kernels.block_grouped_matmul import block_gmm_stored_fp8
 from deepseek_jax.kernels.fp8_matmul import fp8_matmul
 from deepseek_jax.kernels.grouped_matmul import gmm
 from deepseek_jax.kernels.quant import (
@@ -194,6 +195,27 @@ def grouped_matmul(x: jax.Array, w: Fp8Weight, group_sizes: jax.Array) -> jax.Ar
         w_scale=w.scale,
         out_dtype=x.dtype,
         block_sizes=BlockSizes(block_k=w.block),
+    )
+
+
+def block_grouped_matmul(xs: jax.Array, w: Fp8Weight | tuple[Fp8Weight, ...], layout) -> jax.Array:
+    """Routed experts with stored FP8 weights on the block-sparse tile layout (the CPU plan):
+    xs [P, K] in tiles of one expert (`kernels.block_grouped_matmul.dispatch`), w [E, K, N] or a
+    tuple of them (gate and up: one product, their outputs side by side).
+
+    The same products as `grouped_matmul` (1 x block activation tiles, each expert's own block
+    scales), with the work at the routed rows plus padding instead of `ragged_dot`'s E times.
+    """
+    ws = (w,) if isinstance(w, Fp8Weight) else tuple(w)
+    for wi in ws:
+        if wi.n_stack != 1 or wi.in_dims != 1 or wi.ndim != 3 or wi.block != ws[0].block:
+            raise ValueError(f"FP8 grouped matmul: weight must be [E, K, N], got {wi.shape}")
+    return block_gmm_stored_fp8(
+        xs,
+        tuple(wi.data for wi in ws),
+        tuple(wi.scale for wi in ws),
+        layout,
+        block_size=ws[0].block,
     )
 
 

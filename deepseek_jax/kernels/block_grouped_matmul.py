@@ -36,17 +36,20 @@ from jax import lax
 
 from deepseek_jax.sharding.logical import zeros_varying_like
 
+from .backend import pad_to_multiple
 from .quant import (
     DEFAULT_BLOCK,
-    dequantize_weight,
+    quantize_activation,
     quantize_dequantize_activation,
     quantize_weight,
+    repeat_scale,
 )
 
 __all__ = [
     "BlockLayout",
     "block_gmm",
     "block_gmm_fp8",
+    "block_gmm_stored_fp8",
     "block_layout",
     "choose_block",
     "combine",
@@ -229,30 +232,44 @@ def _over_chunks(start, end, b: int, sizes: tuple[int, ...], body, carry):
     return carry
 
 
-def _loop_gmm(xs, w, tile_group, used):
-    """out[t] = xs[t] @ w[g(t)] by groups, then chunks of their tiles; zero rows past `used`.
+def _tile_products(rows, n, num_groups, tile_group, used, group_operand, product, like, dtype):
+    """out [rows, n]: per group g, `group_operand(g)` (its weight) once, then for each chunk of
+    g's tiles in use out[chunk] = product(operand, row, size); zero rows past `used`.
 
     A group's tiles are consecutive, so its weight is sliced once and stays put for all of
     them (slicing it per tile copied a [K, N] weight for every tile: a third of the time).
+    `like`: the operands, whose shard_map variance the output takes.
     """
     T = tile_group.shape[0]
-    b = xs.shape[0] // T
-    start, end = _group_tiles(tile_group, used, w.shape[0])
-    sizes = _chunk_sizes(T, w.shape[0])
+    b = rows // T
+    start, end = _group_tiles(tile_group, used, num_groups)
+    sizes = _chunk_sizes(T, num_groups)
 
     def group(g, out):
-        w_g = lax.dynamic_index_in_dim(w, g, keepdims=False).astype(xs.dtype)  # [K, N]
+        operand = group_operand(g)
 
         def chunk(row, size, out):
-            x_c = lax.dynamic_slice_in_dim(xs, row, size)  # [size, K]
-            y = jnp.dot(x_c, w_g, preferred_element_type=jnp.float32).astype(xs.dtype)
-            return lax.dynamic_update_slice_in_dim(out, y, row, 0)
+            return lax.dynamic_update_slice_in_dim(out, product(operand, row, size), row, 0)
 
         return _over_chunks(start[g], end[g], b, sizes, chunk, out)
 
-    out = zeros_varying_like((xs.shape[0], w.shape[2]), xs.dtype, xs, w)
+    out = zeros_varying_like((rows, n), dtype, *like)
     with jax.named_scope("block_gmm"):  # profiles find the expert GEMM by this name
-        return lax.fori_loop(0, w.shape[0], group, out)
+        return lax.fori_loop(0, num_groups, group, out)
+
+
+def _loop_gmm(xs, w, tile_group, used):
+    """out[t] = xs[t] @ w[g(t)] by groups, then chunks of their tiles; zero rows past `used`."""
+
+    def weight(g):
+        return lax.dynamic_index_in_dim(w, g, keepdims=False).astype(xs.dtype)  # [K, N]
+
+    def product(w_g, row, size):
+        x_c = lax.dynamic_slice_in_dim(xs, row, size)  # [size, K]
+        return jnp.dot(x_c, w_g, preferred_element_type=jnp.float32).astype(xs.dtype)
+
+    E, _, N = w.shape
+    return _tile_products(xs.shape[0], N, E, tile_group, used, weight, product, (xs, w), xs.dtype)
 
 
 @jax.custom_vjp
@@ -333,19 +350,99 @@ def block_gmm(xs: jax.Array, w: jax.Array, layout: BlockLayout) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _fake_quant(a, sizes, block_size, power_of_two_scale):
-    """a [P, sum(sizes)] rounded through E4M3 in 1 x block_size tiles along each column piece
-    (pieces quantized apart, as separate products would be), in FP32."""
+def _loop_gmm_scaled(xq, x_scale, group_weight, num_groups, n, tile_group, used, like, out_dtype):
+    """The FP8 block-scaled product on the tile layout, formed as `grouped_matmul.gmm` forms it:
+
+        out[t] = sum over contraction blocks i of (xq[t, i] @ w_q[g, i]) * x_scale[t, i] * s[g, i]
+
+    The E4M3 values are multiplied exactly (in FP32) block by block and each block's sum is
+    scaled, so the result hardly depends on the order of the sums: two programs forming the same
+    product (the served weights and their training-recipe twin) agree to an ulp, where products
+    of dequantized operands differ by FP32 rounding that flips later E4M3 roundings.
+
+    Args:
+      xq: [P, C] E4M3, C a multiple of the block; x_scale: [P, C / block] fp32.
+      group_weight: g -> (w_q [C, n] E4M3, s [C / block, n] fp32 per output column).
+    """
+    cb = x_scale.shape[1]
+    block = xq.shape[1] // cb
+
+    def weight(g):
+        w_q, w_s = group_weight(g)
+        return w_q.astype(jnp.float32).reshape(cb, block, n), w_s
+
+    def product(operand, row, size):
+        w_g, s_g = operand
+        x_c = lax.dynamic_slice_in_dim(xq, row, size).astype(jnp.float32).reshape(size, cb, block)
+        s_c = lax.dynamic_slice_in_dim(x_scale, row, size)  # [size, cb]
+        parts = jnp.einsum("skb,kbn->ksn", x_c, w_g, preferred_element_type=jnp.float32)
+        return jnp.sum(parts * s_c.T[:, :, None] * s_g[:, None, :], axis=0).astype(out_dtype)
+
+    rows = xq.shape[0]
+    return _tile_products(rows, n, num_groups, tile_group, used, weight, product, like, out_dtype)
+
+
+def _quantize_pieces(a, sizes, block_size, power_of_two_scale):
+    """a [P, sum(sizes)] in E4M3, 1 x block tiles along each column piece apart (as separate
+    products would quantize it), each piece zero-padded to whole blocks: (E4M3 [P, C], fp32
+    scales [P, C / block])."""
     pieces = jnp.split(a, list(itertools.accumulate(sizes))[:-1], axis=1)
-    return jnp.concatenate(
-        [
-            quantize_dequantize_activation(
-                p, block_size=block_size, power_of_two_scale=power_of_two_scale
+    q, s = zip(
+        *(
+            quantize_activation(
+                pad_to_multiple(p, 1, block_size),
+                block_size=block_size,
+                power_of_two_scale=power_of_two_scale,
             )
             for p in pieces
-        ],
-        axis=1,
+        ),
+        strict=True,
     )
+    return jnp.concatenate(q, axis=1), jnp.concatenate(s, axis=1)
+
+
+def _forward_weight(q, block_size):
+    """g -> expert g's quantized weights [(E4M3 [E, K, N_i], block scales)...] side by side:
+    (E4M3 [Kp, N], per-column scales [Kp / block, N]), K zero-padded to whole blocks."""
+
+    def weight(g):
+        parts = [
+            (
+                pad_to_multiple(lax.dynamic_index_in_dim(wq, g, keepdims=False), 0, block_size),
+                repeat_scale(
+                    lax.dynamic_index_in_dim(ws, g, keepdims=False),
+                    wq.shape[2],
+                    block_size=block_size,
+                    axis=1,
+                ),
+            )
+            for wq, ws in q
+        ]
+        return tuple(jnp.concatenate(x, axis=1) for x in zip(*parts, strict=True))
+
+    return weight
+
+
+def _transposed_weight(q, block_size):
+    """g -> expert g's weights transposed for the dgrad, each piece's N zero-padded to whole
+    blocks and stacked along it: (E4M3 [sum Np_i, K], per-column scales [sum Nb_i, K])."""
+
+    def weight(g):
+        parts = [
+            (
+                pad_to_multiple(lax.dynamic_index_in_dim(wq, g, keepdims=False).T, 0, block_size),
+                repeat_scale(
+                    lax.dynamic_index_in_dim(ws, g, keepdims=False).T,
+                    wq.shape[1],
+                    block_size=block_size,
+                    axis=1,
+                ),
+            )
+            for wq, ws in q
+        ]
+        return tuple(jnp.concatenate(x, axis=0) for x in zip(*parts, strict=True))
+
+    return weight
 
 
 def _block_gmm_fp8_fwd(xs, ws, tile_group, used, w_dtypes, block_size, power_of_two_scale):
@@ -353,9 +450,19 @@ def _block_gmm_fp8_fwd(xs, ws, tile_group, used, w_dtypes, block_size, power_of_
     q = tuple(
         quantize_weight(w, block_size=block_size, power_of_two_scale=power_of_two_scale) for w in ws
     )  # per expert 128 x 128 blocks, each weight on its own grid
-    w_fp32 = jnp.concatenate([dequantize_weight(*wq, block_size=block_size) for wq in q], -1)
-    x_fp32 = _fake_quant(xs, (xs.shape[1],), block_size, power_of_two_scale)
-    out = _loop_gmm(x_fp32, w_fp32, tile_group, used).astype(xs.dtype)
+    xq, x_scale = _quantize_pieces(xs, (xs.shape[1],), block_size, power_of_two_scale)
+    n = sum(wq.shape[2] for wq, _ in q)
+    out = _loop_gmm_scaled(
+        xq,
+        x_scale,
+        _forward_weight(q, block_size),
+        ws[0].shape[0],
+        n,
+        tile_group,
+        used,
+        (xs, *ws),
+        xs.dtype,
+    )
     return out, (xs, q, tile_group, used)
 
 
@@ -368,11 +475,21 @@ def _block_gmm_fp8(xs, ws, tile_group, used, w_dtypes, block_size, power_of_two_
 def _block_gmm_fp8_bwd(w_dtypes, block_size, power_of_two_scale, res, dy):
     xs, q, tile_group, used = res
     sizes = tuple(wq.shape[2] for wq, _ in q)
-    w_fp32 = jnp.concatenate([dequantize_weight(*wq, block_size=block_size) for wq in q], -1)
     # Dgrad: dy in 1 x 128 tiles along N (each weight's columns apart) against the forward's
     # FP8 weights, transposed.
-    dy_fp32 = _fake_quant(dy, sizes, block_size, power_of_two_scale)
-    dx = _loop_gmm(dy_fp32, w_fp32.transpose(0, 2, 1), tile_group, used).astype(xs.dtype)
+    dyq, dy_scale = _quantize_pieces(dy, sizes, block_size, power_of_two_scale)
+    num_groups, k = q[0][0].shape[0], xs.shape[1]
+    dx = _loop_gmm_scaled(
+        dyq,
+        dy_scale,
+        _transposed_weight(q, block_size),
+        num_groups,
+        k,
+        tile_group,
+        used,
+        (xs, dy, *itertools.chain(*q)),
+        xs.dtype,
+    )
     # Wgrad contracts over the rows: xs and dy in 128 x 1 tiles along them, aligned to the padded
     # layout (a 128-row tile may span tiles of two groups, as in grouped_matmul_fp8). Rows past
     # the tiles in use are zeroed first so they cannot inflate a tile's amax.
@@ -385,7 +502,7 @@ def _block_gmm_fp8_bwd(w_dtypes, block_size, power_of_two_scale, res, dy):
     )
     x_rows = quant_rows(jnp.where(live, xs, 0))
     dy_rows = quant_rows(jnp.where(live, dy, 0))
-    dw = _loop_wgrad(x_rows, dy_rows, tile_group, used, w_fp32.shape[0])  # [E, K, sum N] FP32
+    dw = _loop_wgrad(x_rows, dy_rows, tile_group, used, num_groups)  # [E, K, sum N] FP32
     dws = jnp.split(dw, list(itertools.accumulate(sizes))[:-1], axis=-1)
     return dx, tuple(d.astype(t) for d, t in zip(dws, w_dtypes, strict=True)), None, None
 
@@ -438,4 +555,58 @@ def block_gmm_fp8(
     w_dtypes = tuple(jnp.dtype(wi.dtype) for wi in ws)
     return _block_gmm_fp8(
         xs, ws, layout.tile_group, layout.tiles_used, w_dtypes, block_size, power_of_two_scale
+    )
+
+
+def block_gmm_stored_fp8(
+    xs: jax.Array,
+    w_fp8: jax.Array | Sequence[jax.Array],
+    w_scale: jax.Array | Sequence[jax.Array],
+    layout: BlockLayout,
+    *,
+    block_size: int,
+) -> jax.Array:
+    """Tile-wise product with expert weights kept in E4M3 as stored (serving; no VJP).
+
+    xs in 1 x block_size tiles (quantized on the fly) against expert g's stored weight, which is
+    dequantized when g's tiles run: one [K, N] FP32 copy at a time, never the whole [E, K, N].
+    The products run dequantized in FP32, which is the FP8 product with FP32 accumulation up
+    to FP32 rounding; `grouped_matmul.gmm` with the scales over the padded rows is its twin, and
+    `block_gmm_fp8` over the dequantized weights runs the same arithmetic.
+
+    Args:
+      xs: [P, K] slots in tiles of one group each (`dispatch`), bf16/fp32.
+      w_fp8: [E, K, N] float8_e4m3fn, or a tuple of them (e.g. gate and up projections), whose
+        products come back side by side along N from one product per tile.
+      w_scale: [E, ceil(K / block_size), ceil(N / block_size)] fp32 block scales (a tuple
+        matching w_fp8's).
+      layout: the `block_layout` that placed the rows.
+      block_size: the quantization block of the weights and of the activation tiles.
+    Returns:
+      [P, sum N] in xs.dtype; zero rows for padding slots.
+    """
+    datas = (w_fp8,) if isinstance(w_fp8, jax.Array) else tuple(w_fp8)
+    scales = (w_scale,) if isinstance(w_scale, jax.Array) else tuple(w_scale)
+    (T,) = layout.tile_group.shape
+    for i, w in enumerate(datas):
+        if xs.ndim != 2 or w.ndim != 3 or xs.shape[1] != w.shape[1]:
+            raise ValueError(
+                f"xs must be [P, K] and w[{i}] [E, K, N], got xs{xs.shape} and w{w.shape}"
+            )
+    if xs.shape[0] != T * layout.block:
+        raise ValueError(f"xs rows {xs.shape[0]} must equal {T} tiles x block {layout.block}")
+
+    q = tuple(zip(datas, scales, strict=True))
+    xq, x_scale = _quantize_pieces(xs, (xs.shape[1],), block_size, False)
+    n = sum(w.shape[2] for w in datas)
+    return _loop_gmm_scaled(
+        xq,
+        x_scale,
+        _forward_weight(q, block_size),
+        datas[0].shape[0],
+        n,
+        layout.tile_group,
+        layout.tiles_used,
+        (xs, *datas, *scales),
+        xs.dtype,
     )

@@ -38,8 +38,8 @@ def routed_dropless(
       x: [M, D] tokens; r: routing with weights/experts [M, K].
       w_gate, w_up: [E, D, F]; w_down: [E, F, D], in x.dtype or FP32 master weights (the
         blocked path then returns FP32 weight gradients, V3 Sec. 3.3.3).
-      fp8: V3 FP8 recipe (Sec. 3.3), blocked or grouped alike. Stored `Fp8Weight` serving
-        experts always take the grouped kernels, which dequantise per K block.
+      fp8: V3 FP8 recipe (Sec. 3.3), blocked or grouped alike; stored `Fp8Weight` serving
+        experts run their forward product on either plan.
       gmm: "blocked" (kernels/block_grouped_matmul.py: tiles of one expert, routed FLOPs plus
         padding), "grouped" (`grouped_matmul`: ragged_dot / Pallas) or "auto" (blocked on CPU,
         where XLA's ragged_dot costs about E times the routed FLOPs; grouped elsewhere).
@@ -50,8 +50,7 @@ def routed_dropless(
         raise ValueError(f"routed_dropless: {gmm=} must be one of auto, blocked, grouped")
     if gmm == "auto":
         gmm = "blocked" if jax.default_backend() == "cpu" else "grouped"
-    stored_fp8 = isinstance(w_gate, fp8_weights.Fp8Weight)
-    if gmm == "blocked" and not stored_fp8:
+    if gmm == "blocked":
         return routed_blocked(x, r, w_gate, w_up, w_down, fp8=fp8)
     # `grouped_matmul` (FP8 or not) takes FP32 master weights itself and returns FP32 dW
     M, K = r.experts.shape
@@ -71,15 +70,21 @@ def routed_blocked(x: jax.Array, r: Routing, w_gate, w_up, w_down, fp8: bool = F
     FP32 (master) weights stay FP32 here: `block_gmm` casts each tile's weight to x.dtype and
     accumulates the weight gradient in FP32, so a BF16-compute step never rounds dW to BF16.
     `fp8`: the products follow the V3 FP8 recipe (`block_gmm_fp8`), the gate and up weights
-    quantized apart, as `grouped_matmul_fp8` does.
+    quantized apart, as `grouped_matmul_fp8` does. Stored `Fp8Weight` experts (serving) run the
+    same forward products with their stored blocks (`fp8_weights.block_grouped_matmul`).
     """
-    w_gate, w_up, w_down = (
-        w if w.dtype == jnp.float32 else w.astype(x.dtype) for w in (w_gate, w_up, w_down)
-    )
     M, K = r.experts.shape
     E, F = w_gate.shape[0], w_gate.shape[2]
     layout = block_layout(r.experts.reshape(-1), E, choose_block(M * K, E))
     xs = dispatch(x, layout, K)  # [P, D], P = tiles * block, rows of one expert per tile
+    if isinstance(w_gate, fp8_weights.Fp8Weight):  # stored FP8 serving weights (forward only)
+        gate_up = fp8_weights.block_grouped_matmul(xs, (w_gate, w_up), layout)
+        gate, up = jnp.split(gate_up, [F], axis=-1)  # [P, F]
+        ys = fp8_weights.block_grouped_matmul(jax.nn.silu(gate) * up, w_down, layout)
+        return combine(ys, r.weights, layout)  # [M, D]
+    w_gate, w_up, w_down = (
+        w if w.dtype == jnp.float32 else w.astype(x.dtype) for w in (w_gate, w_up, w_down)
+    )
     if fp8:
         gate, up = jnp.split(block_gmm_fp8(xs, (w_gate, w_up), layout), [F], axis=-1)  # [P, F]
         ys = block_gmm_fp8(jax.nn.silu(gate) * up, w_down, layout)  # [P, D]

@@ -1,11 +1,14 @@
 """Block-sparse grouped GEMM and the blocked dropless MoE vs ragged_dot and one-hot references;
 its FP8 form vs grouped_matmul_fp8."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deepseek_jax import fp8_weights
 from deepseek_jax.kernels import block_grouped_matmul as bgm
 from deepseek_jax.kernels import grouped_matmul as gm
 from deepseek_jax.moe import routed_blocked, routed_dropless, routed_reference
@@ -183,6 +186,56 @@ def test_blocked_fp8_moe_equals_grouped_fp8_and_tracks_exact(name):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(mine))
         want = np.asarray(want)
         assert 0 < np.linalg.norm(got - want) / np.linalg.norm(want) < 2.0**-3  # FP8, not exact
+
+
+@pytest.mark.parametrize("name", ["spread", "long"])
+def test_blocked_moe_with_stored_fp8_experts_equals_grouped_and_the_recipe(name):
+    # Serving: E4M3 expert weights as stored, the forward on the tile layout. Twins: the same
+    # stored weights through ragged_dot (gmm="grouped"), and the FP8 training recipe over the
+    # dequantized weights (re-quantizing them gives back the stored blocks).
+    r = _routing(name)
+    x = _normal((r.experts.shape[0], 160), 8)  # K = 160: two 128-wide blocks
+    shapes = ((E, 160, 72), (E, 160, 72), (E, 72, 160))
+    dense = [_normal(shape, 20 + i) / np.sqrt(shape[1]) for i, shape in enumerate(shapes)]
+    stored = [fp8_weights.quantize(w, stack_dims=1) for w in dense]
+    dequantized = [w.astype(jnp.float32) for w in stored]
+    blocked = jax.jit(lambda x, *w: routed_dropless(x, r, *w, gmm="blocked"))(x, *stored)
+    grouped = jax.jit(lambda x, *w: routed_dropless(x, r, *w, gmm="grouped"))(x, *stored)
+    recipe = jax.jit(lambda x, *w: routed_dropless(x, r, *w, fp8=True))(x, *dequantized)
+    assert_close(blocked, grouped)
+    assert_close(blocked, recipe)
+    exact = routed_reference(x, r, *dense)
+    err = np.linalg.norm(np.asarray(blocked - exact)) / np.linalg.norm(np.asarray(exact))
+    assert 0 < err < 2.0**-3
+
+
+def test_blocked_fp8_served_and_recipe_agree_over_many_tokens():
+    # The blocked FP8 products multiply the E4M3 values exactly block by block and scale each
+    # block's sum, as the grouped kernel does. So the stored serving weights and the training
+    # recipe over their dequantized values (scales re-derived, an ulp off in half the blocks)
+    # agree to an ulp, and no E4M3 rounding downstream (of the SwiGLU output, before the down
+    # product) flips between them: products of dequantized operands flipped 2 of these 512
+    # tokens by ~5e-3. Against the grouped kernel (other sum orders) a flip stays rare.
+    e, d, f, m = 8, 256, 128, 512
+    rng = np.random.default_rng(5)
+    experts = jnp.asarray(np.stack([rng.permutation(e)[:2] for _ in range(m)]), jnp.int32)
+    r = Routing(jax.nn.softmax(_normal((m, 2), 4), -1), experts, None)
+    x = _normal((m, d), 8)
+    shapes = ((e, d, f), (e, d, f), (e, f, d))
+    dense = [_normal(shape, 30 + i) / np.sqrt(shape[1]) for i, shape in enumerate(shapes)]
+    stored = [fp8_weights.quantize(w, stack_dims=1) for w in dense]
+    dequantized = [w.astype(jnp.float32) for w in stored]
+    out = {}
+    for gmm in ("blocked", "grouped"):
+        for name, ws, fp8 in (("stored", stored, False), ("recipe", dequantized, True)):
+            fn = functools.partial(routed_dropless, fp8=fp8, gmm=gmm)
+            out[name, gmm] = np.asarray(jax.jit(lambda x, *w, fn=fn: fn(x, r, *w))(x, *ws))
+    np.testing.assert_allclose(
+        out["stored", "blocked"], out["recipe", "blocked"], atol=1e-5, rtol=0
+    )
+    for name in ("stored", "recipe"):
+        rows = np.abs(out[name, "blocked"] - out[name, "grouped"]).max(1)
+        assert (rows > 1e-5).sum() <= m // 100 and rows.max() < 1e-2, (name, np.sort(rows)[-5:])
 
 
 def test_choose_block_bounds_padding():
