@@ -401,46 +401,23 @@ def _quantize_pieces(a, sizes, block_size, power_of_two_scale):
     return jnp.concatenate(q, axis=1), jnp.concatenate(s, axis=1)
 
 
-def _forward_weight(q, block_size):
-    """g -> expert g's quantized weights [(E4M3 [E, K, N_i], block scales)...] side by side:
-    (E4M3 [Kp, N], per-column scales [Kp / block, N]), K zero-padded to whole blocks."""
+def _group_weight(q, block_size, *, transposed=False):
+    """g -> expert g's quantized weights [(E4M3 [E, K, N_i], block scales)...] side by side, as
+    `_loop_gmm_scaled` takes them. Forward: (E4M3 [Kp, sum N_i], per-column scales
+    [Kp / block, sum N_i]), K zero-padded to whole blocks. Transposed (the dgrad): each piece's
+    N_i zero-padded to whole blocks and stacked along it: (E4M3 [sum Np_i, K], [sum Nb_i, K])."""
 
     def weight(g):
-        parts = [
-            (
-                pad_to_multiple(lax.dynamic_index_in_dim(wq, g, keepdims=False), 0, block_size),
-                repeat_scale(
-                    lax.dynamic_index_in_dim(ws, g, keepdims=False),
-                    wq.shape[2],
-                    block_size=block_size,
-                    axis=1,
-                ),
-            )
-            for wq, ws in q
-        ]
-        return tuple(jnp.concatenate(x, axis=1) for x in zip(*parts, strict=True))
-
-    return weight
-
-
-def _transposed_weight(q, block_size):
-    """g -> expert g's weights transposed for the dgrad, each piece's N zero-padded to whole
-    blocks and stacked along it: (E4M3 [sum Np_i, K], per-column scales [sum Nb_i, K])."""
-
-    def weight(g):
-        parts = [
-            (
-                pad_to_multiple(lax.dynamic_index_in_dim(wq, g, keepdims=False).T, 0, block_size),
-                repeat_scale(
-                    lax.dynamic_index_in_dim(ws, g, keepdims=False).T,
-                    wq.shape[1],
-                    block_size=block_size,
-                    axis=1,
-                ),
-            )
-            for wq, ws in q
-        ]
-        return tuple(jnp.concatenate(x, axis=0) for x in zip(*parts, strict=True))
+        parts = []
+        for wq, ws in q:
+            wq_g = lax.dynamic_index_in_dim(wq, g, keepdims=False)  # [K, N_i]
+            ws_g = lax.dynamic_index_in_dim(ws, g, keepdims=False)  # [Kb, Nb_i]
+            if transposed:
+                wq_g, ws_g = wq_g.T, ws_g.T
+            scale = repeat_scale(ws_g, wq_g.shape[1], block_size=block_size, axis=1)
+            parts.append((pad_to_multiple(wq_g, 0, block_size), scale))
+        axis = 0 if transposed else 1
+        return tuple(jnp.concatenate(x, axis=axis) for x in zip(*parts, strict=True))
 
     return weight
 
@@ -455,7 +432,7 @@ def _block_gmm_fp8_fwd(xs, ws, tile_group, used, w_dtypes, block_size, power_of_
     out = _loop_gmm_scaled(
         xq,
         x_scale,
-        _forward_weight(q, block_size),
+        _group_weight(q, block_size),
         ws[0].shape[0],
         n,
         tile_group,
@@ -482,7 +459,7 @@ def _block_gmm_fp8_bwd(w_dtypes, block_size, power_of_two_scale, res, dy):
     dx = _loop_gmm_scaled(
         dyq,
         dy_scale,
-        _transposed_weight(q, block_size),
+        _group_weight(q, block_size, transposed=True),
         num_groups,
         k,
         tile_group,
@@ -602,7 +579,7 @@ def block_gmm_stored_fp8(
     return _loop_gmm_scaled(
         xq,
         x_scale,
-        _forward_weight(q, block_size),
+        _group_weight(q, block_size),
         datas[0].shape[0],
         n,
         layout.tile_group,
