@@ -13,7 +13,8 @@ its MTP module (FP8 covers the same linear layers and routed experts; MTP would 
 each compile): 0.15% measured when written, 0.23% through `ragged_dot` and 0.49% on the CPU tile
 path of 2026-12-06 (per-seed differences of up to ~1% either way, which the means average). It
 fails a broken recipe: with the per-tile scale 8x too small
-(tiles saturate at 448) the relative difference is 3.5%, with per-tile scaling dropped (scale 1:
+(tiles saturate at 448) the relative difference is 3.5% (3.3% on the CPU tiles, rechecked
+2026-12-06), with per-tile scaling dropped (scale 1:
 small weights and gradients flush to zero in E4M3) 10.0% (measured by breaking
 kernels/quant.py's scale_from_amax and running this test).
 `DEEPSEEK_JAX_FULL=1` runs the full size: 3 seeds x 100 steps (warm-up 10) with MTP (0.17%
