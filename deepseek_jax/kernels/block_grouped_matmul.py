@@ -422,24 +422,22 @@ def _group_weight(q, block_size, *, transposed=False):
     return weight
 
 
+def _fp8_forward(xs, q, tile_group, used, block_size, power_of_two_scale, like):
+    """xs (quantized here in 1 x block tiles) times the quantized weights q = ((E4M3 [E, K, N_i],
+    block scales), ...), their products side by side: [P, sum N_i] in xs.dtype."""
+    xq, x_scale = _quantize_pieces(xs, (xs.shape[1],), block_size, power_of_two_scale)
+    n = sum(wq.shape[2] for wq, _ in q)
+    weight = _group_weight(q, block_size)
+    E = q[0][0].shape[0]
+    return _loop_gmm_scaled(xq, x_scale, weight, E, n, tile_group, used, like, xs.dtype)
+
+
 def _block_gmm_fp8_fwd(xs, ws, tile_group, used, w_dtypes, block_size, power_of_two_scale):
     del w_dtypes
     q = tuple(
         quantize_weight(w, block_size=block_size, power_of_two_scale=power_of_two_scale) for w in ws
     )  # per expert 128 x 128 blocks, each weight on its own grid
-    xq, x_scale = _quantize_pieces(xs, (xs.shape[1],), block_size, power_of_two_scale)
-    n = sum(wq.shape[2] for wq, _ in q)
-    out = _loop_gmm_scaled(
-        xq,
-        x_scale,
-        _group_weight(q, block_size),
-        ws[0].shape[0],
-        n,
-        tile_group,
-        used,
-        (xs, *ws),
-        xs.dtype,
-    )
+    out = _fp8_forward(xs, q, tile_group, used, block_size, power_of_two_scale, (xs, *ws))
     return out, (xs, q, tile_group, used)
 
 
@@ -487,6 +485,23 @@ def _block_gmm_fp8_bwd(w_dtypes, block_size, power_of_two_scale, res, dy):
 _block_gmm_fp8.defvjp(_block_gmm_fp8_fwd, _block_gmm_fp8_bwd)
 
 
+def _check_tiles(xs, w, layout: BlockLayout) -> tuple[jax.Array, ...]:
+    """The FP8 tile products' weights as a tuple, after checking xs [P, K] against each [E, K, N]
+    and P against the layout; errors name the offending operand."""
+    ws = (w,) if isinstance(w, jax.Array) else tuple(w)
+    for i, wi in enumerate(ws):
+        if xs.ndim != 2 or wi.ndim != 3 or xs.shape[1] != wi.shape[1]:
+            raise ValueError(
+                f"xs must be [P, K] and w[{i}] [E, K, N], got xs{xs.shape} and w{wi.shape}"
+            )
+    if len({wi.shape[0] for wi in ws}) != 1:
+        raise ValueError(f"the weights disagree on the expert count: {[wi.shape for wi in ws]}")
+    (T,) = layout.tile_group.shape
+    if xs.shape[0] != T * layout.block:
+        raise ValueError(f"xs rows {xs.shape[0]} must equal {T} tiles x block {layout.block}")
+    return ws
+
+
 def block_gmm_fp8(
     xs: jax.Array,
     w: jax.Array | Sequence[jax.Array],
@@ -500,10 +515,11 @@ def block_gmm_fp8(
     The same products as `grouped_matmul_fp8` with the rows in the padded tile layout:
     forward, xs in 1 x 128 tiles against each expert's weight in 128 x 128 blocks; dgrad, dy in
     1 x 128 tiles against the forward's FP8 weights; wgrad, xs and dy in 128 x 1 tiles along the
-    rows, FP32 accumulation, returned in w's dtype. The quantized operands are multiplied
-    dequantized in FP32 (E4M3 values times their FP32 scales), which is the FP8 product with FP32
-    accumulation up to FP32 rounding; on a CPU, where no FP8 matmul exists, this keeps the work at
-    the routed FLOPs plus padding, where `grouped_matmul_fp8`'s `ragged_dot` costs E times them.
+    rows, FP32 accumulation, returned in w's dtype. Forward and dgrad multiply the E4M3 values
+    exactly block by block and scale each block's sum (`_loop_gmm_scaled`, as the grouped kernel
+    does); the wgrad multiplies the dequantized row tiles in FP32 (as `grouped_matmul.tgmm` does).
+    On a CPU, where no FP8 matmul exists, this keeps the work at the routed FLOPs plus padding,
+    where `grouped_matmul_fp8`'s `ragged_dot` costs E times them.
     `grouped_matmul_fp8` over the padded rows (group sizes = tiles per group x block) is its twin,
     held equal forward and VJP by tests/kernels/test_block_grouped_matmul.py.
 
@@ -518,17 +534,7 @@ def block_gmm_fp8(
     Returns:
       [P, sum N] in xs.dtype; zero rows for padding slots. dx in xs.dtype, dw in each w's dtype.
     """
-    ws = (w,) if isinstance(w, jax.Array) else tuple(w)
-    for i, wi in enumerate(ws):
-        if xs.ndim != 2 or wi.ndim != 3 or xs.shape[1] != wi.shape[1]:
-            raise ValueError(
-                f"xs must be [P, K] and w[{i}] [E, K, N], got xs{xs.shape} and w{wi.shape}"
-            )
-    if len({wi.shape[0] for wi in ws}) != 1:
-        raise ValueError(f"the weights disagree on the expert count: {[wi.shape for wi in ws]}")
-    (T,) = layout.tile_group.shape
-    if xs.shape[0] != T * layout.block:
-        raise ValueError(f"xs rows {xs.shape[0]} must equal {T} tiles x block {layout.block}")
+    ws = _check_tiles(xs, w, layout)
     w_dtypes = tuple(jnp.dtype(wi.dtype) for wi in ws)
     return _block_gmm_fp8(
         xs, ws, layout.tile_group, layout.tiles_used, w_dtypes, block_size, power_of_two_scale
@@ -546,10 +552,10 @@ def block_gmm_stored_fp8(
     """Tile-wise product with expert weights kept in E4M3 as stored (serving; no VJP).
 
     xs in 1 x block_size tiles (quantized on the fly) against expert g's stored weight, which is
-    dequantized when g's tiles run: one [K, N] FP32 copy at a time, never the whole [E, K, N].
-    The products run dequantized in FP32, which is the FP8 product with FP32 accumulation up
-    to FP32 rounding; `grouped_matmul.gmm` with the scales over the padded rows is its twin, and
-    `block_gmm_fp8` over the dequantized weights runs the same arithmetic.
+    widened to FP32 when g's tiles run: one [K, N] copy at a time, never the whole [E, K, N].
+    The E4M3 values are multiplied exactly block by block and each block's sum scaled
+    (`_loop_gmm_scaled`); `grouped_matmul.gmm` with the scales over the padded rows is its twin,
+    and `block_gmm_fp8` over the dequantized weights runs the same arithmetic.
 
     Args:
       xs: [P, K] slots in tiles of one group each (`dispatch`), bf16/fp32.
@@ -562,28 +568,8 @@ def block_gmm_stored_fp8(
     Returns:
       [P, sum N] in xs.dtype; zero rows for padding slots.
     """
-    datas = (w_fp8,) if isinstance(w_fp8, jax.Array) else tuple(w_fp8)
+    datas = _check_tiles(xs, w_fp8, layout)
     scales = (w_scale,) if isinstance(w_scale, jax.Array) else tuple(w_scale)
-    (T,) = layout.tile_group.shape
-    for i, w in enumerate(datas):
-        if xs.ndim != 2 or w.ndim != 3 or xs.shape[1] != w.shape[1]:
-            raise ValueError(
-                f"xs must be [P, K] and w[{i}] [E, K, N], got xs{xs.shape} and w{w.shape}"
-            )
-    if xs.shape[0] != T * layout.block:
-        raise ValueError(f"xs rows {xs.shape[0]} must equal {T} tiles x block {layout.block}")
-
     q = tuple(zip(datas, scales, strict=True))
-    xq, x_scale = _quantize_pieces(xs, (xs.shape[1],), block_size, False)
-    n = sum(w.shape[2] for w in datas)
-    return _loop_gmm_scaled(
-        xq,
-        x_scale,
-        _group_weight(q, block_size),
-        datas[0].shape[0],
-        n,
-        layout.tile_group,
-        layout.tiles_used,
-        (xs, *datas, *scales),
-        xs.dtype,
-    )
+    like = (xs, *datas, *scales)
+    return _fp8_forward(xs, q, layout.tile_group, layout.tiles_used, block_size, False, like)

@@ -73,25 +73,25 @@ def routed_blocked(x: jax.Array, r: Routing, w_gate, w_up, w_down, fp8: bool = F
     quantized apart, as `grouped_matmul_fp8` does. Stored `Fp8Weight` experts (serving) run the
     same forward products with their stored blocks (`fp8_weights.block_grouped_matmul`).
     """
+    stored = isinstance(w_gate, fp8_weights.Fp8Weight)  # FP8 serving weights (forward only)
+    if not stored:
+        w_gate, w_up, w_down = (
+            w if w.dtype == jnp.float32 else w.astype(x.dtype) for w in (w_gate, w_up, w_down)
+        )
     M, K = r.experts.shape
     E, F = w_gate.shape[0], w_gate.shape[2]
     layout = block_layout(r.experts.reshape(-1), E, choose_block(M * K, E))
     xs = dispatch(x, layout, K)  # [P, D], P = tiles * block, rows of one expert per tile
-    if isinstance(w_gate, fp8_weights.Fp8Weight):  # stored FP8 serving weights (forward only)
-        gate_up = fp8_weights.block_grouped_matmul(xs, (w_gate, w_up), layout)
-        gate, up = jnp.split(gate_up, [F], axis=-1)  # [P, F]
-        ys = fp8_weights.block_grouped_matmul(jax.nn.silu(gate) * up, w_down, layout)
-        return combine(ys, r.weights, layout)  # [M, D]
-    w_gate, w_up, w_down = (
-        w if w.dtype == jnp.float32 else w.astype(x.dtype) for w in (w_gate, w_up, w_down)
-    )
-    if fp8:
-        gate, up = jnp.split(block_gmm_fp8(xs, (w_gate, w_up), layout), [F], axis=-1)  # [P, F]
-        ys = block_gmm_fp8(jax.nn.silu(gate) * up, w_down, layout)  # [P, D]
-        return combine(ys, r.weights, layout)  # [M, D]
-    w_gate_up = jnp.concatenate([w_gate, w_up], axis=-1)  # [E, D, 2F]: one product for both
-    gate, up = jnp.split(block_gmm(xs, w_gate_up, layout), [F], axis=-1)  # [P, F]
-    ys = block_gmm(jax.nn.silu(gate) * up, w_down, layout)  # [P, D]
+
+    def product(a, ws):  # several weights (gate and up): one product, outputs side by side
+        if stored:
+            return fp8_weights.block_grouped_matmul(a, ws, layout)
+        if fp8:  # each weight quantized on its own block grid
+            return block_gmm_fp8(a, ws, layout)
+        return block_gmm(a, ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=-1), layout)
+
+    gate, up = jnp.split(product(xs, (w_gate, w_up)), [F], axis=-1)  # [P, F] each
+    ys = product(jax.nn.silu(gate) * up, (w_down,))  # [P, D]
     return combine(ys, r.weights, layout)  # [M, D]
 
 
