@@ -14,7 +14,9 @@ each rank, with `lax.cond`/`lax.switch` on its own row of the tables:
   BW: both in one vjp.
 then activations move one rank along their direction and input-gradients one rank back with four
 `ppermute`s (two shifts per message kind, one for each direction). B and W re-run the stage
-forward inside `jax.vjp` (stage-granular rematerialisation) instead of keeping residuals.
+forward inside `jax.vjp` (stage-granular rematerialisation) instead of keeping residuals. The
+backward slot's switch holds only the kinds the schedule uses (1F1B: BW; ZB1P: B, W): each kind
+is one more copy of the stage's forward and backward for XLA to compile.
 
 Communication plan (scaling-book notation, X = the stage axis of size PP, per step):
   act[b, T, D] --ppermute(r -> r+1)--> and --ppermute(r -> r-1)--> (one per direction)
@@ -195,6 +197,8 @@ def pipeline_grads(
     tab = lockstep_tables(schedule)
     per_dir = schedule.microbatches_per_direction
     tables = {k: jnp.asarray(v) for k, v in dataclasses.asdict(tab).items()}
+    b_kinds = np.unique(tab.b_kind).tolist()  # the backward kinds this schedule uses
+    tables["b_branch"] = jnp.asarray(np.searchsorted(b_kinds, tab.b_kind), jnp.int32)
 
     def body(stage_p, shared, inp):
         r = jax.lax.axis_index(axis)
@@ -264,7 +268,10 @@ def pipeline_grads(
                 gp, gs, dx = vjp_all(None)
                 return dx.astype(act_shape.dtype), (gp, gs)
 
-            dx, (gp, gs) = jax.lax.switch(row["b_kind"], [b_none, b_input, b_weight, b_full], None)
+            # Only the kinds this schedule uses are compiled (1F1B: idle and BW; ZB1P: idle, B and
+            # W; DualPipe: all four): each branch is one more stage forward and backward to build.
+            branches = [(b_none, b_input, b_weight, b_full)[k] for k in b_kinds]
+            dx, (gp, gs) = jax.lax.switch(row["b_branch"], branches, None)
             g_params = jax.tree.map(lambda acc, g: acc.at[d].add(g), g_params, gp)
             g_shared = jax.tree.map(jnp.add, g_shared, gs)
 

@@ -95,6 +95,36 @@ def test_pipelined_loss_and_grads_equal_reference(name, PP, n_mb):
         assert_close(a, b, **MODEL_FP32)
 
 
+def _branch_counts(jaxpr) -> list[int]:
+    """The number of branches of every `cond`/`switch` in a jaxpr, nested ones included."""
+    counts = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            counts.append(len(eqn.params["branches"]))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr or Jaxpr
+                if hasattr(inner, "eqns"):
+                    counts += _branch_counts(inner)
+    return counts
+
+
+@pytest.mark.parametrize("name, branches", [("1F1B", 2), ("ZB1P", 3), ("DualPipe", 4)])
+def test_only_the_backward_kinds_a_schedule_uses_are_compiled(name, branches):
+    """The backward slot switches over idle plus the kinds the schedule runs (1F1B: BW; ZB1P: B
+    and W; DualPipe: B, W and BW): each branch is a stage forward and backward to compile."""
+    PP, n_mb = 2, 4
+    schedule = BUILDERS[name](PP, n_mb)
+    mesh = jax.make_mesh(
+        (PP,), ("stage",), devices=jax.devices()[:PP], axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    act = jax.ShapeDtypeStruct((B_MB, D), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda a, b, c: pipeline_grads(toy_stage, a, b, c, act, schedule, mesh))(
+        *_problem(PP, n_mb)
+    )
+    assert max(_branch_counts(jaxpr.jaxpr)) == branches
+
+
 def test_lockstep_tables_cover_every_op_once():
     sched = dualpipe_schedule(4, 8)
     tab = lockstep_tables(sched)
