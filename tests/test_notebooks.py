@@ -10,6 +10,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from deepseek_jax.testing import xla_flags_for_tests
+
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
@@ -36,8 +38,8 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     # the eight notebooks 229 -> 183 alone, 239 -> 186 in the whole suite; asserts unchanged.
     monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
     # as on Colab: one CPU device (the suite's 8 emulated devices are for the sharding tests;
-    # 07_scale sets its own before importing jax)
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    # 07_scale adds its own before importing jax), and the suite's faster code generation
+    monkeypatch.setenv("XLA_FLAGS", xla_flags_for_tests())
     nb = nbformat.read(path, as_version=4)
     NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+from deepseek_jax.testing import xla_flags_for_tests
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 6
 OVERRIDES = [
@@ -69,7 +71,8 @@ def _launch(args, cache_dir, *, devices=8, hook=None, extra_env=None):
     env = dict(os.environ)
     env.update(
         PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags_for_tests(devices),
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # compile-bound; the runs are compared with each other
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=cache_dir,
         TEST_HOOK=json.dumps(hook or {}),
