@@ -74,3 +74,21 @@ def optimized_codegen():
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs files with a `slow` test first, then the others by number of tests, most first.
+
+    Under `-n 2 --dist loadfile` a file runs on one worker, and files are handed out in this
+    order (pyproject.toml turns off xdist's own reorder by test count, which put the long files
+    with few tests, the training runs, last, where one worker ran them while the other idled).
+    """
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+
+    def order(path):
+        tests = files[path]
+        return (not any(t.get_closest_marker("slow") for t in tests), -len(tests))
+
+    items[:] = [item for path in sorted(files, key=order) for item in files[path]]

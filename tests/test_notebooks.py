@@ -29,6 +29,7 @@ def test_there_are_notebooks():
         assert f"{n}.ipynb" in names, n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_executes(path, tmp_path, monkeypatch):
     # The notebooks plot: matplotlib (the `plot` extra) comes with the `test` extra.

@@ -197,6 +197,7 @@ def _check_against_reference(deepseek, loss, grads, counts, parts):
 # 1F1B on 2 stages of the DeepSeek model runs below with the experts sharded inside each stage,
 # and tests/train/test_pipeline_train.py trains with it (three optimizer steps equal the plain
 # step's); every schedule runs on 2, 4 and 8 toy stages above.
+@pytest.mark.slow
 @pytest.mark.parametrize("name, PP", [("ZB1P", 4), ("DualPipe", 2), ("DualPipe", 4)])
 def test_deepseek_model_pipelined_equals_plain(deepseek, name, PP):
     """MoE layers across stages, embedding + dense layer on the first, head + MTP on the last."""
@@ -211,6 +212,7 @@ def test_deepseek_model_pipelined_equals_plain(deepseek, name, PP):
     _check_against_reference(deepseek, *out)
 
 
+@pytest.mark.slow
 def test_pipeline_with_experts_sharded_inside_each_stage(deepseek):
     """A stage x expert mesh: the routed experts of each stage split over the expert axis."""
     from flax import nnx

@@ -129,6 +129,7 @@ def reference(tmp_path_factory, cache_dir):
     return run_dir, out
 
 
+@pytest.mark.slow
 def test_reference_run_writes_metrics(reference):
     run_dir, out = reference
     losses = _losses(run_dir)
@@ -165,6 +166,7 @@ def test_reference_run_writes_metrics(reference):
     assert os.listdir(os.path.join(run_dir, "checkpoints")) == [str(STEPS)]  # the final save
 
 
+@pytest.mark.slow
 def test_exact_resume_after_kill_and_sigterm(reference, tmp_path, cache_dir):
     ref = {s: v[0] for s, v in _losses(reference[0]).items()}
     run_dir = str(tmp_path / "run")
@@ -196,6 +198,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(reference, tmp_path, cache_dir):
     ref = {s: v[0] for s, v in _losses(reference[0]).items()}
     run_dir = str(tmp_path / "multi")

@@ -23,6 +23,7 @@ def _batch(cfg, seed):
 
 # DualPipe / ZB1P equality with the plain model (loss and every gradient) is held in
 # tests/sharding/test_pipeline_executor.py; here one schedule proves the optimizer wiring.
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule, stages, microbatches", [("1f1b", 2, 2)])
 def test_pipelined_steps_match_plain_steps(schedule, stages, microbatches):
     cfg = load_preset("v3-tiny").replace(num_hidden_layers=1 + 2, remat="none")

@@ -65,6 +65,7 @@ def test_trainable_config_errors_name_the_field():
         TrainConfig(trainable="mtp", bias_update_speed=0.001)
 
 
+@pytest.mark.slow
 def test_init_from_a_run_then_train_only_mtp(tmp_path):
     """train.init_from loads a run's weights; a trainable=mtp run then leaves them as they were
     everywhere but in the MTP modules (through train_main's loop and checkpoints)."""
