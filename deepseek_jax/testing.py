@@ -37,10 +37,11 @@ def assert_close(actual, expected, dtype=None, **override) -> None:
 # XLA:CPU flags for the test suite's processes and the runs they start (tests/conftest.py). The
 # suite's programs are small and compiling them is most of its time; XLA:CPU's legacy LLVM IR
 # fusion emitters compile them in ~25% less CPU time than its default MLIR fusion emitters
-# (suite: 900 -> 686 s on a 2-core CPU, every test passing; a v3-tiny train step
-# 6.3 -> 4.5 s, one small eager op ~30 -> ~16 ms). Code generation only: XLA's HLO passes are the
-# same, and the tiny step's loss is bit-identical under both. A jaxlib that no longer knows the
-# flag stops at start-up with "Unknown flags in XLA_FLAGS", naming it: then drop it here.
+# (suite: 900 -> 686 s on a 2-core CPU, every test passing; a v3-tiny train step's compile
+# 6.0 -> 4.2 s, medians of three alternated runs; one small eager op ~30 -> ~16 ms). Code
+# generation only: XLA's HLO passes are the same, and the tiny step's loss is bit-identical under
+# both. A jaxlib that no longer knows the flag stops at start-up with "Unknown flags in
+# XLA_FLAGS", naming it: then drop it here.
 TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 

@@ -196,8 +196,9 @@ def pipeline_grads(
         )
     tab = lockstep_tables(schedule)
     per_dir = schedule.microbatches_per_direction
-    tables = {k: jnp.asarray(v) for k, v in dataclasses.asdict(tab).items()}
     b_kinds = np.unique(tab.b_kind).tolist()  # the backward kinds this schedule uses
+    tables = {k: jnp.asarray(v) for k, v in dataclasses.asdict(tab).items() if k != "b_kind"}
+    # The program's per-step table: which of the compiled backward branches (one per used kind).
     tables["b_branch"] = jnp.asarray(np.searchsorted(b_kinds, tab.b_kind), jnp.int32)
 
     def body(stage_p, shared, inp):
@@ -270,7 +271,8 @@ def pipeline_grads(
 
             # Only the kinds this schedule uses are compiled (1F1B: idle and BW; ZB1P: idle, B and
             # W; DualPipe: all four): each branch is one more stage forward and backward to build.
-            branches = [(b_none, b_input, b_weight, b_full)[k] for k in b_kinds]
+            by_kind = (b_none, b_input, b_weight, b_full)  # indexed as _BKIND numbers them
+            branches = [by_kind[k] for k in b_kinds]
             dx, (gp, gs) = jax.lax.switch(row["b_branch"], branches, None)
             g_params = jax.tree.map(lambda acc, g: acc.at[d].add(g), g_params, gp)
             g_shared = jax.tree.map(jnp.add, g_shared, gs)

@@ -60,6 +60,13 @@ def _problem(PP, n_mb, seed=0):
     return stage_params, shared, inputs
 
 
+def _stage_mesh(PP):
+    """A 1-D mesh of the first PP devices over the `stage` axis."""
+    return jax.make_mesh(
+        (PP,), ("stage",), devices=jax.devices()[:PP], axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
 BUILDERS = {"1F1B": one_f_one_b_schedule, "ZB1P": zb1p_schedule, "DualPipe": dualpipe_schedule}
 
 
@@ -77,9 +84,7 @@ BUILDERS = {"1F1B": one_f_one_b_schedule, "ZB1P": zb1p_schedule, "DualPipe": dua
 )
 def test_pipelined_loss_and_grads_equal_reference(name, PP, n_mb):
     schedule = BUILDERS[name](PP, n_mb)
-    mesh = jax.make_mesh(
-        (PP,), ("stage",), devices=jax.devices()[:PP], axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    mesh = _stage_mesh(PP)
     sp, sh, inp = _problem(PP, n_mb)
     act = jax.ShapeDtypeStruct((B_MB, D), jnp.float32)
     loss, g_stage, g_shared, aux = _compiled(
@@ -115,9 +120,7 @@ def test_only_the_backward_kinds_a_schedule_uses_are_compiled(name, branches):
     and W; DualPipe: B, W and BW): each branch is a stage forward and backward to compile."""
     PP, n_mb = 2, 4
     schedule = BUILDERS[name](PP, n_mb)
-    mesh = jax.make_mesh(
-        (PP,), ("stage",), devices=jax.devices()[:PP], axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    mesh = _stage_mesh(PP)
     act = jax.ShapeDtypeStruct((B_MB, D), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda a, b, c: pipeline_grads(toy_stage, a, b, c, act, schedule, mesh))(
         *_problem(PP, n_mb)
@@ -204,9 +207,7 @@ def test_deepseek_model_pipelined_equals_plain(deepseek, name, PP):
     from deepseek_jax.pipeline_stages import pipelined_value_and_grad
 
     _, lcfg, model, batch, _ = deepseek
-    mesh = jax.make_mesh(
-        (PP,), ("stage",), devices=jax.devices()[:PP], axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    mesh = _stage_mesh(PP)
     schedule = BUILDERS[name](PP, N_MB)
     out = _compiled(lambda b: pipelined_value_and_grad(model, b, schedule, mesh, lcfg), batch)
     _check_against_reference(deepseek, *out)
