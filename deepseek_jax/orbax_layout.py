@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -206,27 +207,61 @@ def _restore_error(directory: str, error: BaseException) -> st.CheckpointError:
     return st.CheckpointError(f"{directory}: cannot restore the Orbax checkpoint: {detail}")
 
 
+# orbax.checkpoint's coroutine that reads one array's shard (serialization.py).
+_ORBAX_SHARD_READ = "_read_array_index_and_device_put"
+
+
+def _is_closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
 @contextlib.contextmanager
 def quiet_abandoned_reads():
-    """Silences asyncio's "Event loop is closed" reports while a failing restore is abandoned.
+    """Silences the reports of the reads a failing Orbax restore abandons.
 
     When one array of a step cannot be read, Orbax's restore raises while the reads of the other
-    arrays are still scheduled on its event loop; their callbacks then fire into a closed loop
-    and asyncio logs each one as an error with a traceback (hundreds per step). The failure itself
-    is reported by the caller (`load_orbax`, `train.checkpoint.Checkpointer.restore`); everything
-    else asyncio logs passes through.
+    arrays are still in flight. Each then reports into a closed event loop, some time later:
+    asyncio logs an "Event loop is closed" error, TensorStore's completion callbacks raise the
+    same error where nothing can catch it, and Orbax's read coroutines are collected with their
+    read errors inside; Python prints each of the last two as "Exception ignored in ..." with a
+    traceback (dozens per step, after the caller's own clear error). The failure itself is
+    reported by the caller (`load_orbax`, `train.checkpoint.Checkpointer.restore`).
+
+    The asyncio log filter lasts for the context. The unraisable reports come from other threads
+    and the garbage collector, after the context has ended, so a restore that fails installs
+    `_drop_abandoned_read_reports` for the rest of the process. Everything else passes through.
     """
     logger = logging.getLogger("asyncio")
 
     def drop_closed_loop(record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc))
+        return not _is_closed_loop(record.exc_info[1] if record.exc_info else None)
 
     logger.addFilter(drop_closed_loop)
     try:
         yield
+    except BaseException:
+        _drop_abandoned_read_reports()
+        raise
     finally:
         logger.removeFilter(drop_closed_loop)
+
+
+def _drop_abandoned_read_reports() -> None:
+    """Wraps `sys.unraisablehook` (once) so that it drops the two reports abandoned Orbax reads
+    leave, "Event loop is closed" and an Orbax shard-read coroutine collected unfinished, and
+    hands every other unraisable exception to the hook that was there before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable) -> None:
+        coroutine = getattr(unraisable.object, "__qualname__", None)
+        if _is_closed_loop(unraisable.exc_value) or coroutine == _ORBAX_SHARD_READ:
+            return
+        previous(unraisable)
+
+    hook._drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def is_orbax_checkpoint(directory: str) -> bool:
