@@ -90,24 +90,61 @@ def write_orbax_metadata(root: str, params, meta: dict[str, Any]) -> None:
             json.dump(content, f, indent=1)
 
 
+# Parameter paths renamed since checkpoints were first written, as (old, new) runs of path
+# segments: a checkpoint written before a rename is read under its old names, so that no
+# converted checkpoint has to be converted again. Checkpoints are always written with the new.
+RENAMED_PATHS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("ffn", "gate"), ("ffn", "router")),  # the MoE router (ffn/gate/* until 2026-12-05)
+)
+
+
+def _orbax_metadata(root: str) -> dict:
+    meta_path = os.path.join(root, "_METADATA")
+    if not os.path.isfile(meta_path):
+        raise st.CheckpointError(f"{root}: no _METADATA (not an Orbax PyTree checkpoint)")
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+def stored_paths(meta: dict) -> set[tuple[str, ...]]:
+    """The parameter paths an Orbax `_METADATA` lists (ours and orbax's own write the same)."""
+    return {
+        tuple(str(k["key"]) for k in entry["key_metadata"])
+        for entry in meta["tree_metadata"].values()
+    }
+
+
+def path_as_stored(path: tuple[str, ...], stored: set[tuple[str, ...]]) -> tuple[str, ...]:
+    """`path` as the checkpoint names it: itself, or its name before a rename in
+    `RENAMED_PATHS` where only that name is stored (else `path`, for the caller to report)."""
+    if path in stored:
+        return path
+    for old, new in RENAMED_PATHS:
+        for i in range(len(path) - len(new) + 1):
+            if path[i : i + len(new)] == new:
+                legacy = path[:i] + old + path[i + len(new) :]
+                if legacy in stored:
+                    return legacy
+    return path
+
+
 def open_orbax_arrays(root: str, maps: list[ParamMap]):
     """Opens each parameter's array of an Orbax PyTree checkpoint (ours or orbax's own, OCDBT or
     not) with tensorstore, checking presence and shape."""
     import tensorstore as ts
 
-    meta_path = os.path.join(root, "_METADATA")
-    if not os.path.isfile(meta_path):
-        raise st.CheckpointError(f"{root}: no _METADATA (not an Orbax PyTree checkpoint)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = _orbax_metadata(root)
+    stored = stored_paths(meta)
     driver = "zarr3" if meta.get("use_zarr3") else "zarr"
     stores = {}
     for pm in maps:
+        path = path_as_stored(pm.path, stored)
+        name = ".".join(path)
         if meta.get("use_ocdbt"):
-            kv = {"driver": "ocdbt", "base": {"driver": "file", "path": root}, "path": pm.name}
+            kv = {"driver": "ocdbt", "base": {"driver": "file", "path": root}, "path": name}
         else:
-            kv = {"driver": "file", "path": os.path.join(root, pm.name)}
-        if str(pm.path) not in meta["tree_metadata"]:
+            kv = {"driver": "file", "path": os.path.join(root, name)}
+        if path not in stored:
             raise st.CheckpointError(f"{root}: parameter {pm.name!r} is missing")
         # A missing chunk file (an interrupted copy) must fail the read, not read as zeros.
         spec = {"driver": driver, "kvstore": kv, "open": True, "fill_missing_data_reads": False}
@@ -144,15 +181,19 @@ def load_orbax(
     for path, var in nnx.to_flat_state(state):
         path = tuple(str(p) for p in path)
         target[path] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(path, var))
+    stored = stored_paths(_orbax_metadata(directory))
+    as_stored = {path: path_as_stored(path, stored) for path in target}
     _check_chunks(directory)
     with quiet_abandoned_reads():
         try:
             restored = ocp.StandardCheckpointer().restore(
-                directory, traverse_util.unflatten_dict(target)
+                directory,
+                traverse_util.unflatten_dict({as_stored[p]: v for p, v in target.items()}),
             )
         except Exception as e:  # Orbax raises a bare Exception per failed read
             raise _restore_error(directory, e) from e
-    return _merge(graphdef, state, traverse_util.flatten_dict(restored))
+    restored = traverse_util.flatten_dict(restored)
+    return _merge(graphdef, state, {path: restored[as_stored[path]] for path in target})
 
 
 def _check_chunks(directory: str) -> None:

@@ -72,6 +72,43 @@ def test_bf16_hub_orbax_hub_is_bit_exact(tiny_ckpts, torch_io, tmp_path):
     )
 
 
+def _as_written_before_the_router_rename(orb, dst):
+    """A copy of our Orbax checkpoint under the names written until 2026-12-05 (the MoE router
+    was ffn/gate/*, now ffn/router/*): array folders and _METADATA keys renamed, nothing else."""
+    shutil.copytree(orb, dst)
+    for name in os.listdir(dst):
+        if ".ffn.router." in name:
+            os.rename(
+                os.path.join(dst, name), os.path.join(dst, name.replace(".router.", ".gate."))
+            )
+    meta_path = os.path.join(dst, "_METADATA")
+    meta = json.load(open(meta_path))
+    tree = {}
+    for entry in meta["tree_metadata"].values():
+        keys = [k["key"] for k in entry["key_metadata"]]
+        keys = ["gate" if k == "router" and keys[i - 1] == "ffn" else k for i, k in enumerate(keys)]
+        for k, key in zip(entry["key_metadata"], keys, strict=True):
+            k["key"] = key
+        tree[str(tuple(keys))] = entry
+    meta["tree_metadata"] = tree
+    json.dump(meta, open(meta_path, "w"))
+    return str(dst)
+
+
+def test_checkpoints_written_before_the_router_rename_load_and_export(
+    tiny_ckpts, torch_io, tmp_path
+):
+    orb = hf_to_orbax(tiny_ckpts.get("v3")[0], tmp_path / "orbax", progress=False)
+    old = _as_written_before_the_router_rename(orb, tmp_path / "old")
+    assert os.path.isdir(os.path.join(old, "mtp.block.ffn.gate.weight"))
+    _assert_same_params(load_pretrained(old), load_pretrained(orb))
+    _same_files(
+        orbax_to_hf(old, tmp_path / "hf_old", progress=False),
+        orbax_to_hf(orb, tmp_path / "hf_new", progress=False),
+        torch_io,
+    )
+
+
 def test_export_loads_in_transformers(tiny_ckpts, tmp_path):
     from transformers import AutoModelForCausalLM
 
