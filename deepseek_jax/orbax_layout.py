@@ -91,14 +91,15 @@ def write_orbax_metadata(root: str, params, meta: dict[str, Any]) -> None:
 
 
 # Parameter paths renamed since checkpoints were first written, as (old, new) runs of path
-# segments: a checkpoint written before a rename is read under its old names, so that no
-# converted checkpoint has to be converted again. Checkpoints are always written with the new.
+# segments of equal length: a checkpoint written before a rename is read under its old names
+# (converted model checkpoints here, training run folders in train/checkpoint.py), so that none
+# has to be converted again. Checkpoints are always written with the new names.
 RENAMED_PATHS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("ffn", "gate"), ("ffn", "router")),  # the MoE router (ffn/gate/* until 2026-12-05)
 )
 
 
-def _orbax_metadata(root: str) -> dict:
+def orbax_metadata(root: str) -> dict:
     meta_path = os.path.join(root, "_METADATA")
     if not os.path.isfile(meta_path):
         raise st.CheckpointError(f"{root}: no _METADATA (not an Orbax PyTree checkpoint)")
@@ -133,7 +134,7 @@ def open_orbax_arrays(root: str, maps: list[ParamMap]):
     not) with tensorstore, checking presence and shape."""
     import tensorstore as ts
 
-    meta = _orbax_metadata(root)
+    meta = orbax_metadata(root)
     stored = stored_paths(meta)
     driver = "zarr3" if meta.get("use_zarr3") else "zarr"
     stores = {}
@@ -181,7 +182,7 @@ def load_orbax(
     for path, var in nnx.to_flat_state(state):
         path = tuple(str(p) for p in path)
         target[path] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(path, var))
-    stored = stored_paths(_orbax_metadata(directory))
+    stored = stored_paths(orbax_metadata(directory))
     as_stored = {path: path_as_stored(path, stored) for path in target}
     _check_chunks(directory)
     with quiet_abandoned_reads():

@@ -12,7 +12,8 @@ interrupted by a crash leaves no `<step>` folder and is ignored. A `<step>` fold
 cannot be read (a truncated or deleted file) is detected when restoring: the manager warns, moves
 it aside to `<step>.corrupt` and uses the previous step. If *no* checkpoint can be read the
 restore fails with the first error instead, since that usually means a changed config rather than
-damaged files.
+damaged files. A step written before a parameter rename (`orbax_layout.RENAMED_PATHS`) is read
+under its old names and returned under today's.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ try:  # private in orbax (no public alias); only the save-time tuning below depe
 except ImportError:  # a later orbax moved it: save with orbax's own handler (same files)
     array_metadata_store = None
 
-from deepseek_jax.orbax_layout import quiet_abandoned_reads
+from deepseek_jax.orbax_layout import (
+    orbax_metadata,
+    path_as_stored,
+    quiet_abandoned_reads,
+    stored_paths,
+)
 from deepseek_jax.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -169,6 +175,49 @@ def _abstract(tree):
     return jax.tree.map(one, tree)
 
 
+def _key_name(key) -> str:
+    """A jax key-path entry as Orbax names it in `_METADATA` (dict key, field name, index)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _legacy_names(tree, stored: set[tuple[str, ...]]) -> tuple[dict, dict]:
+    """The dict-key renames that read `tree` from a checkpoint that stores `stored`, written
+    before a parameter rename (`orbax_layout.RENAMED_PATHS`): ({path in tree's names: old key},
+    {path in the stored names: today's key}); both empty for a checkpoint of today's names."""
+    to_old, to_new = {}, {}
+    for key_path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        path = tuple(_key_name(k) for k in key_path)
+        old = path_as_stored(path, stored)
+        for i, (today, then) in enumerate(zip(path, old, strict=True)):
+            if today != then:
+                to_old[path[: i + 1]] = then
+                to_new[old[: i + 1]] = today
+    return to_old, to_new
+
+
+def _renamed_keys(tree, names: dict[tuple[str, ...], str], path: tuple[str, ...] = ()):
+    """`tree` with the dict key at each path of `names` renamed to its value (dicts, lists,
+    tuples and NamedTuples are walked, as the train state and its optimizer state are built)."""
+    if not names:
+        return tree
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            here = (*path, str(k))
+            out[names.get(here, k)] = _renamed_keys(v, names, here)
+        return out
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(
+            *(_renamed_keys(v, names, (*path, f)) for f, v in zip(tree._fields, tree, strict=True))
+        )
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_renamed_keys(v, names, (*path, str(i))) for i, v in enumerate(tree))
+    return tree
+
+
 class Checkpointer:
     """Saves and restores (state, data state) with Orbax's CheckpointManager.
 
@@ -259,14 +308,19 @@ class Checkpointer:
         target = _abstract(abstract_state)
         failures: list[tuple[int, Exception]] = []
         for step in reversed(steps):
+            # A step written before a parameter rename is read under its old names.
+            to_old, to_new = _legacy_names(target, self._stored_state_paths(step))
+            step_target = _renamed_keys(target, to_old)
             try:
                 with quiet_abandoned_reads():
                     restored = self._manager.restore(
                         step,
                         args=ocp.args.Composite(
                             state=ocp.args.PyTreeRestore(
-                                target,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                step_target,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                    step_target
+                                ),
                             ),
                             data=DataStateRestore(),
                             meta=ocp.args.JsonRestore(),
@@ -287,13 +341,21 @@ class Checkpointer:
                 continue
             if failures:
                 self._set_aside([s for s, _ in failures])
-            return step, restored["state"], restored["data"]
+            return step, _renamed_keys(restored["state"], to_new), restored["data"]
         step, err = failures[0]
         raise RuntimeError(
             f"no checkpoint in {self.directory} can be restored (steps {steps}); the newest, "
             f"step {step}, failed with {type(err).__name__}: {err}. A changed model, optimizer "
             "or mesh config cannot resume an old run: use a new checkpoint.dir."
         ) from err
+
+    def _stored_state_paths(self, step: int) -> set[tuple[str, ...]]:
+        """The array paths step `step`'s state holds (empty where its metadata is unreadable:
+        the restore then reports the damage)."""
+        try:
+            return stored_paths(orbax_metadata(os.path.join(self.directory, str(step), "state")))
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames unreadable steps to `<step>.corrupt-<time>` so new saves can reuse the step,

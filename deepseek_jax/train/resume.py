@@ -10,10 +10,15 @@ compares it with the new config, field by field:
   routing, dtypes), the loss, the data pipeline (files, tokenizer, sequence length, batch size,
   shuffling, prefetching: grain's iterator state only fits the pipeline that wrote it) and the
   optimizer's state layout. `--allow-config-change` (`allow=True`) accepts them anyway.
+
+A field the stored config lacks was added to the code after the run was written; it reads as
+its default, since a field is added with the default that keeps what runs did before it existed
+(e.g. `model.scan_layers: true`, layers scanned as they always had been).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from flax import traverse_util
@@ -66,15 +71,31 @@ def _is_safe(key: str) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE)
 
 
+def field_defaults() -> dict[str, Any]:
+    """section.field -> its dataclass default, for every run-config field that has one."""
+    from deepseek_jax.train.config import SECTIONS
+
+    out = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f"{section}.{f.name}"] = _norm(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f"{section}.{f.name}"] = _norm(f.default_factory())
+    return out
+
+
 def diff_configs(
     old: dict[str, Any], new: dict[str, Any]
 ) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
-    """(breaking, safe) changes between two `RunConfig.to_dict()` trees, as (key, old, new)."""
+    """(breaking, safe) changes between two `RunConfig.to_dict()` trees, as (key, old, new); a
+    field missing from `old` reads as its default (`field_defaults`)."""
     a, b = (traverse_util.flatten_dict(t, sep=".") for t in (old, new))
     missing = object()
+    defaults = field_defaults()
     breaking, safe = [], []
     for key in sorted(set(a) | set(b)):
-        va, vb = _norm(a.get(key, missing)), _norm(b.get(key, missing))
+        va, vb = _norm(a.get(key, defaults.get(key, missing))), _norm(b.get(key, missing))
         if va == vb:
             continue
         change = (key, None if va is missing else va, None if vb is missing else vb)

@@ -40,6 +40,31 @@ def test_round_trip_restores_latest(tmp_path):
     ckpt.close()
 
 
+def _moe_state(scale, router="router"):
+    params = {
+        "moe_layers": {
+            "ffn": {
+                router: {"weight": jnp.full((4, 3), scale), "bias": jnp.arange(3.0) * scale},
+                "shared": {"w_up": jnp.full((2, 3), -scale)},
+            }
+        },
+    }
+    return {"step": jnp.int32(scale), "params": params, "opt_state": optax.adam(1e-3).init(params)}
+
+
+def test_a_step_written_before_the_router_rename_restores(tmp_path):
+    """Run folders written until 2026-12-05 name the MoE router ffn/gate/* (params and the
+    optimizer's moments): they restore into today's ffn/router/* state, checksums checked."""
+    ckpt = Checkpointer(str(tmp_path), CheckpointConfig(keep=5))
+    ckpt.save(2, _moe_state(2.0, router="gate"), {"batches": 2}, wait=True)
+    ckpt.close()
+    ckpt = Checkpointer(str(tmp_path), CheckpointConfig(keep=5))
+    step, state, data = ckpt.restore(_moe_state(0.0))
+    assert step == 2 and data == {"batches": 2}
+    chex.assert_trees_all_equal(state, _moe_state(2.0))  # structure and types included
+    ckpt.close()
+
+
 def test_empty_folder_restores_nothing(tmp_path):
     assert Checkpointer(str(tmp_path), CheckpointConfig()).restore(_state(0.0)) is None
 

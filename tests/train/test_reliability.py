@@ -336,6 +336,18 @@ def test_resume_refuses_breaking_changes_and_logs_safe_ones(tmp_path, capsys):
     assert "train.steps: 4 -> 9" in line and "train.lr" in line and "train.log_every" in line
 
 
+def test_a_field_added_after_the_run_reads_as_its_default(tmp_path):
+    """A run written before a config field existed (e.g. model.scan_layers, 2026-12-05) resumes
+    when the new config keeps the field's default, and refuses a non-default value."""
+    base = [*TINY, f"train.run_dir={tmp_path}", "model.scan_layers=true"]
+    old = load_run_config(None, base).to_dict()
+    del old["model"]["scan_layers"]
+    assert check_resume(old, load_run_config(None, base).to_dict(), step=2, where="x") == []
+    looped = load_run_config(None, [*base, "model.scan_layers=false"]).to_dict()
+    with pytest.raises(ConfigChangeError, match=r"model.scan_layers: True -> False"):
+        check_resume(old, looped, step=2, where="x")
+
+
 # ---- 7. metrics.jsonl ----------------------------------------------------------------------------
 def test_metrics_jsonl_never_holds_bare_nan(tmp_path):
     logger = MetricsLogger(str(tmp_path), total_steps=2, progress=False, tensorboard=False)
