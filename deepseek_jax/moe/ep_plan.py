@@ -149,7 +149,7 @@ class RaggedPlan(NamedTuple):
     recv_sizes: jax.Array  # rows I receive from source q
     recv_offsets: jax.Array  # where q's rows start in my buffer
     return_offsets: jax.Array  # where my results for q land in q's expert-sorted rows
-    recv_expert: jax.Array  # [N] local expert of each buffer row (E/P marks an empty row)
+    recv_expert: jax.Array | None  # [N] local expert of each buffer row (E/P: empty row)
 
 
 def ragged_plan(counts: jax.Array, me: jax.Array, buffer_rows: int) -> RaggedPlan:
@@ -169,14 +169,20 @@ def ragged_plan(counts: jax.Array, me: jax.Array, buffer_rows: int) -> RaggedPla
     """
     n_dev, E = counts.shape
     E_l = E // n_dev
-    dev = counts.reshape(n_dev, n_dev, E_l).sum(-1)  # [src, dst]
-    at_dst = jnp.cumsum(dev, axis=0) - dev  # [src, dst] offset of src's rows in dst's buffer
-    at_src = jnp.cumsum(dev, axis=1) - dev  # [src, dst] offset of dst's rows in src's rows
     # The rows I receive are source-major, expert-minor (each source sorted by expert).
     mine = jax.lax.dynamic_slice_in_dim(counts, me * E_l, E_l, axis=1)  # [src, E_l]
     ends = jnp.cumsum(mine.reshape(-1))  # [src * E_l]
     seg = jnp.searchsorted(ends, jnp.arange(buffer_rows), side="right")  # [N]
     recv_expert = jnp.where(seg < n_dev * E_l, seg % E_l, E_l).astype(jnp.int32)
+    plan = device_plan(counts.reshape(n_dev, n_dev, E_l).sum(-1), me)
+    return plan._replace(recv_expert=recv_expert)
+
+
+def device_plan(dev: jax.Array, me: jax.Array) -> RaggedPlan:
+    """The offsets and sizes of `ragged_plan` from [src, dst] row counts (`recv_expert` None):
+    each source's rows sorted by destination, each receiver's stacked in source order."""
+    at_dst = jnp.cumsum(dev, axis=0) - dev  # [src, dst] offset of src's rows in dst's buffer
+    at_src = jnp.cumsum(dev, axis=1) - dev  # [src, dst] offset of dst's rows in src's rows
     i32 = lambda a: a.astype(jnp.int32)
     return RaggedPlan(
         input_offsets=i32(at_src[me]),
@@ -185,7 +191,7 @@ def ragged_plan(counts: jax.Array, me: jax.Array, buffer_rows: int) -> RaggedPla
         recv_sizes=i32(dev[:, me]),
         recv_offsets=i32(at_dst[:, me]),
         return_offsets=i32(at_src[:, me]),
-        recv_expert=recv_expert,
+        recv_expert=None,
     )
 
 

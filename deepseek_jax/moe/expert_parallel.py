@@ -45,6 +45,7 @@ from deepseek_jax.moe.ep_plan import (
     capacity_layout,
     capacity_sizes,
     device_keep,
+    device_plan,
     priority,
     protected_sequences,
     ragged_all_to_all_emulated,
@@ -158,8 +159,13 @@ def global_expert_load(expert_counts: jax.Array, parallel: ParallelConfig) -> ja
 
 
 # ---- the shard_map body ----------------------------------------------------------------------
-def _local_experts(xs, local_ids, w_gate, w_up, w_down, *, axes=(), fp8: bool = False):
+def _local_experts(
+    xs, local_ids, w_gate, w_up, w_down, *, axes=(), fp8: bool = False, per_row: int = 1
+):
     """SwiGLU of rows xs [N, D] by their local experts (ids in [0, E_l]; E_l = empty) -> [N, D].
+
+    `per_row`: local_ids [N per_row] holds that many experts for each row of xs (one received
+    token's experts on this device), and the result is [N per_row, D].
 
     `axes`: the shard_map's manual axes. The grouped matmul (a custom VJP) must return
     cotangents typed like its inputs, but a cotangent can vary over more axes than its primal (a
@@ -170,7 +176,7 @@ def _local_experts(xs, local_ids, w_gate, w_up, w_down, *, axes=(), fp8: bool = 
     E_l = w_gate.shape[0]
     order = jnp.argsort(local_ids, stable=True)
     sizes = jnp.bincount(local_ids, length=E_l + 1)[:E_l].astype(jnp.int32)  # empties last
-    xs_sorted, w_gate, w_up, w_down = vary_over(axes, xs[order], w_gate, w_up, w_down)
+    xs_sorted, w_gate, w_up, w_down = vary_over(axes, xs[order // per_row], w_gate, w_up, w_down)
     ys = swiglu_grouped(xs_sorted, w_gate, w_up, w_down, sizes, fp8)  # [N, D]; empties 0
     return jnp.zeros_like(ys).at[order].set(ys)
 
@@ -244,27 +250,97 @@ def _capacity_exchange(xc, r: Routing, klass, ws, layout: EPLayout, cfg, sizes: 
     return jnp.einsum("mkd,mk->md", y, r.weights.astype(y.dtype)), dropped
 
 
+def token_device_pairs(r: Routing, E_l: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A token's assignments grouped by the device that holds their experts (E_l per device).
+
+    V3 (Sec. 3.2.2) sends a token to each node it is routed to once, however many of its
+    experts are there; this is the same deduplication per device of the EP group.
+
+    Returns:
+      first [M, K] bool: assignment k is its token's first to its device: the (token, device)
+        pair's row;
+      ids [M, K, J] int32, J = min(K, E_l): on a pair's row, the local experts of all the
+        token's assignments to that device in the order of k (E_l: no more);
+      weights [M, K, J]: their gating weights (0 for none).
+    """
+    M, K = r.experts.shape
+    J = min(K, E_l)
+    dest = r.experts // E_l  # [M, K]
+    earlier = (dest[:, :, None] == dest[:, None, :]) & jnp.tri(K, k=-1, dtype=bool)  # k' < k
+    first = ~earlier.any(-1)  # [M, K]
+    rank = earlier.sum(-1)  # [M, K]: place of k among its token's assignments to its device
+    same = dest[:, :, None] == dest[:, None, :]  # [M, K, K']
+    take = same[..., None] & (rank[:, None, :, None] == jnp.arange(J))  # [M, K, K', J]
+    local = (r.experts % E_l)[:, None, :, None]  # [M, 1, K', 1]
+    ids = jnp.where(take.any(2), jnp.where(take, local, 0).sum(2), E_l).astype(jnp.int32)
+    weights = jnp.einsum("mkqj,mq->mkj", take.astype(r.weights.dtype), r.weights)
+    return first, ids, weights
+
+
+def _ragged_dropless_exchange(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig, a2a):
+    """Dispatch/combine with ragged all-to-alls, one row per (token, device) pair; returns
+    ([M, D], dropped count 0).
+
+    Each source sends a token's row once to every device holding some of its experts, with
+    those experts' local ids and gating weights ([J] int32 and f32 beside the row); the device
+    runs them and returns one row, the weighted sum of their outputs, which the source adds up.
+    The wire carries the distinct pairs (V3's node-limited routing makes them few), not the M K
+    assignments, each way; the receive buffer holds P M rows (each source's tokens at most once)
+    instead of P M min(K, E_l). Padding is sent too: this path drops nothing.
+    """
+    M, K = r.experts.shape
+    D, E_l, n_dev, manual = xc.shape[-1], ws[0].shape[0], layout.ep_size, layout.varying_axes
+    J, N = min(K, E_l), n_dev * M
+    first, ids, weights = token_device_pairs(r, E_l)
+    dest = jnp.where(first, r.experts // E_l, n_dev).reshape(-1)  # [M*K]: not a pair -> last
+    order = jnp.argsort(dest, stable=True)  # pairs by destination device
+    counts = jnp.bincount(dest, length=n_dev + 1)[:n_dev].astype(jnp.int32)  # [P] pairs
+    axis = _axis_arg(layout.expert_axes)
+    p = device_plan(jax.lax.all_gather(counts, axis), jax.lax.axis_index(axis))
+    xs = xc[order // K]  # [M*K, D]
+    send_ids = ids.reshape(M * K, J)[order]
+    send_w = weights.reshape(M * K, J)[order].astype(jnp.float32)
+    # Receive buffers typed per device as the data is (see `_ragged_exchange`).
+    buf, ids_buf, w_buf, back_buf = vary_over(
+        manual,
+        jnp.zeros((N, D), xs.dtype),
+        jnp.full((N, J), E_l, jnp.int32),  # rows nobody sent: no expert
+        jnp.zeros((N, J), jnp.float32),
+        jnp.zeros((M * K, D), xs.dtype),
+    )
+    plan = (p.input_offsets, p.send_sizes, p.output_offsets, p.recv_sizes)
+    recv = a2a(xs, buf, *plan, axis_name=axis)  # [N, D]
+    recv_ids = a2a(send_ids, ids_buf, *plan, axis_name=axis)  # [N, J]
+    recv_w = a2a(send_w, w_buf, *plan, axis_name=axis)  # [N, J]
+    y = _local_experts(recv, recv_ids.reshape(-1), *ws, axes=manual, fp8=cfg.fp8, per_row=J)
+    y = jnp.einsum(
+        "njd,nj->nd", y.reshape(N, J, D), recv_w, preferred_element_type=jnp.float32
+    ).astype(xs.dtype)  # one row back per pair
+    back = a2a(
+        y, back_buf, p.recv_offsets, p.recv_sizes, p.return_offsets, p.send_sizes, axis_name=axis
+    )  # [M*K, D] destination-sorted; rows that are no pair stay 0
+    out = jnp.zeros((M, D), jnp.float32).at[order // K].add(back.astype(jnp.float32))
+    return out.astype(xs.dtype), jnp.zeros((), jnp.int32)
+
+
 def _ragged_exchange(
     xc, r: Routing, klass, ws, layout: EPLayout, cfg: ModelConfig, sizes: CapacitySizes, a2a
 ):
-    """Dispatch/combine with ragged all-to-alls; returns ([M, D], dropped count).
+    """Dispatch/combine with ragged all-to-alls when a device can overflow (budget C < P R);
+    returns ([M, D], dropped count).
 
-    With a worst-case buffer (budget C >= P R: no device can overflow) every assignment is sent,
-    padding included, and nothing is dropped. Else `_device_level_keep` decides first which
-    assignments the receivers keep (V2 Sec. 2.2.3), each source sends only those, and the plan
-    is built from the post-drop counts, so every receiver's arrivals fit its sizes.recv_rows.
+    `_device_level_keep` decides first which assignments the receivers keep (V2 Sec. 2.2.3),
+    each source sends only those, one row per assignment, and the plan is built from the
+    post-drop counts, so every receiver's arrivals fit its sizes.recv_rows. (With a worst-case
+    buffer nothing can drop: `_ragged_dropless_exchange`.)
     """
     M, K = r.experts.shape
     D, E_l, manual = xc.shape[-1], ws[0].shape[0], layout.varying_axes
     E = layout.ep_size * E_l
-    flat_e = r.experts.reshape(-1)  # [M*K]
-    if sizes.budget >= layout.ep_size * sizes.pair_rows:  # dropless, no extra collective
-        dropped = jnp.zeros((), jnp.int32)
-    else:
-        order, _, _, keep_sorted = _device_level_keep(r, klass, layout, sizes, hard=True)
-        keep = jnp.zeros((M * K,), bool).at[order].set(keep_sorted)  # [M*K]
-        dropped = (jnp.repeat(klass > 0, K) & ~keep).sum()
-        flat_e = jnp.where(keep, flat_e, E)  # dropped rows sort last and are never sent
+    order, _, _, keep_sorted = _device_level_keep(r, klass, layout, sizes, hard=True)
+    keep = jnp.zeros((M * K,), bool).at[order].set(keep_sorted)  # [M*K]
+    dropped = (jnp.repeat(klass > 0, K) & ~keep).sum()
+    flat_e = jnp.where(keep, r.experts.reshape(-1), E)  # dropped rows sort last, never sent
     order = jnp.argsort(flat_e, stable=True)  # by expert, hence by destination device
     xs = xc[order // K]  # [M*K, D]
     counts = jnp.bincount(flat_e, length=E + 1)[:E].astype(jnp.int32)  # [E] rows sent
@@ -370,7 +446,11 @@ def _ep_body(
     else:
         a2a = ragged_all_to_all_emulated if exchange == "ragged_emulated" else None
         a2a = a2a or jax.lax.ragged_all_to_all
-        routed, dropped = _ragged_exchange(xc, r, klass.reshape(-1), ws, layout, cfg, sizes, a2a)
+        if sizes.budget >= layout.ep_size * sizes.pair_rows:  # no device can overflow
+            routed, dropped = _ragged_dropless_exchange(xc, r, ws, layout, cfg, a2a)
+        else:
+            k = klass.reshape(-1)
+            routed, dropped = _ragged_exchange(xc, r, k, ws, layout, cfg, sizes, a2a)
     if layout.ffn_axes:  # each rank holds a slice of F: its outputs are partial sums
         routed = jax.lax.psum(routed, _axis_arg(layout.ffn_axes))
     if layout.batch_axes:
@@ -404,18 +484,24 @@ def expert_parallel_routed(
                   (S = CapacitySizes.send_rows, R = pair_rows)
         dispatch  a[M_l K, D] -> all_to_all(expert) -> a[P x rows_from_q, D]
                   capacity: [P, S, D] + ids [P, S]
-                  ragged: the kept rows, at most M_l K (all of them when C >= P R), planned
-                  from an all_gather of the [E] int32 per-expert counts of the rows sent
+                  ragged, C >= P R (dropless): one row per (token, device) pair, at most
+                  M_l min(K, P), with its J = min(K, E/P) local expert ids [J] int32 and
+                  gating weights [J] f32, planned from an all_gather of the [P] int32 pair
+                  counts (`_ragged_dropless_exchange`)
+                  ragged, C < P R: the kept assignments, planned from an all_gather of the
+                  [E] int32 per-expert counts of the rows sent (`_ragged_exchange`)
         experts   h = SwiGLU(a; W_gate/up[E_P, D, F_Y], W_down[E_P, F_Y, D])  grouped matmul
-        combine   y[P x rows, D] -> all_to_all(expert) -> y[M_l K, D]
+        combine   y[P x rows, D] -> all_to_all(expert) -> y[rows sent, D]
+                  (dropless ragged: the device's weighted sum over the pair's experts)
         out[B_X T, D] = sum_k g_k y_k; psum_Y(out) when F is split over Y
         dropped: psum_X of the local count
 
-    Bytes per device per layer, forward (the backward repeats the two data exchanges, not the
+    Bytes per device per layer, forward (the backward repeats the float exchanges, not the
     dropping decision, and a full remat recomputes the forward's): capacity 2 P S D b + 4 P S
-    (ids) + 4 P S + 4 P (priorities and keep counts); ragged at most 2 M_l K D b, plus 4 P S +
-    4 P when its buffer can overflow, plus an all-gather of the [E] int32 counts (the real
-    collective sends (P-1)/P of it off-device).
+    (ids) + 4 P S + 4 P (priorities and keep counts); ragged dropless 2 n D b + 8 n J for its n
+    (token, device) pairs (n <= M_l min(K, P); V3's node limit keeps a token's devices few);
+    ragged with a buffer bound at most 2 M_l K D b plus 4 P S + 4 P; each ragged one plus an
+    all-gather of its int32 counts (the real collective sends (P-1)/P of it off-device).
 
     Args:
       router: the MoE's Router module (split and merged inside the shard_map).

@@ -15,7 +15,7 @@ from flax import nnx
 from deepseek_jax.config import load_preset
 from deepseek_jax.moe import MoE, ep_plan
 from deepseek_jax.moe import expert_parallel as ep
-from deepseek_jax.moe.router import route
+from deepseek_jax.moe.router import Routing, route
 from deepseek_jax.plan import collectives_from_jaxpr, collectives_from_stablehlo
 from deepseek_jax.sharding.mesh import MeshConfig, make_mesh
 from deepseek_jax.sharding.parallel import ONE_DEVICE, ParallelConfig, default_exchange
@@ -233,17 +233,72 @@ def test_all_to_all_bytes_match_analytic_count(block):
         assert traced_bytes["all_to_all"].wire_bytes == expect * (P - 1) / P
 
 
+def test_token_device_pairs_group_each_tokens_assignments_by_device():
+    rng = np.random.default_rng(0)
+    M, K, E, E_l = 64, 4, 16, 4  # J = 4: a token may have all its experts on one device
+    experts = np.stack([rng.choice(E, K, replace=False) for _ in range(M)])
+    weights = rng.random((M, K)).astype(np.float32)
+    r = Routing(jnp.asarray(weights), jnp.asarray(experts, jnp.int32), jnp.zeros((M, E)))
+    first, ids, w = (np.asarray(a) for a in ep.token_device_pairs(r, E_l))
+    for m in range(M):
+        for k in range(K):
+            same = [q for q in range(K) if experts[m, q] // E_l == experts[m, k] // E_l]
+            assert first[m, k] == (same[0] == k)
+            if first[m, k]:  # the pair's row: its experts there in order of k, then none
+                want = [experts[m, q] % E_l for q in same] + [E_l] * (K - len(same))
+                np.testing.assert_array_equal(ids[m, k], want)
+                np.testing.assert_allclose(w[m, k], [*weights[m, same], *[0] * (K - len(same))])
+    pairs = {(m, experts[m, k] // E_l) for m in range(M) for k in range(K)}
+    assert first.sum() == len(pairs) < M * K
+
+
+def test_dropless_ragged_exchange_sends_each_token_once_per_device(block, monkeypatch):
+    """The rows dispatched are the distinct (token, device) pairs, not the M K assignments."""
+    cfg, moe, x = block
+    moe = nnx.merge(*nnx.split(moe))  # token-dependent routing: some tokens' experts share a device
+    w = moe.router.weight
+    w[...] = jax.random.normal(jax.random.key(5), w.shape) / np.sqrt(cfg.hidden_size)
+    mesh_cfg = MeshConfig(data=4, fsdp=1, expert=2, rules="ep")  # 4 experts per device
+    sent = []
+
+    def recording(operand, output, input_offsets, send_sizes, *rest, axis_name):
+        if operand.dtype == x.dtype and operand.shape[-1] == cfg.hidden_size:  # token rows
+            jax.debug.callback(lambda n: sent.append(int(n)), send_sizes.sum())
+        return ep_plan.ragged_all_to_all_emulated(
+            operand, output, input_offsets, send_sizes, *rest, axis_name=axis_name
+        )
+
+    monkeypatch.setattr(ep, "ragged_all_to_all_emulated", recording)
+    out, stats, g_x, g_w = _out_and_grads(moe, x, _parallel(mesh_cfg, "ragged_emulated"))
+    # A token's experts on one device come back as one weighted sum: forward and gradients
+    # (the gating weights' included, through the router) as on one device.
+    ref_out, _, ref_gx, ref_gw = _out_and_grads(moe, x)
+    assert_close(out, ref_out, **MODEL_FP32)
+    assert_close(g_x, ref_gx, **MODEL_FP32)
+    jax.tree.map(lambda a, b: assert_close(a, b, **MODEL_FP32), g_w, ref_gw)
+    experts = np.asarray(moe.router(x.reshape(-1, cfg.hidden_size)).experts)
+    E_l = cfg.n_routed_experts // 2
+    pairs = len({(m, e // E_l) for m, row in enumerate(experts) for e in row})
+    assert len(experts) < pairs < experts.size  # some tokens on one device, some on two
+    # each device's dispatch, then its combine (the same number of rows back)
+    assert len(sent) == 16 and sum(sent) == 2 * pairs, (sent, pairs)
+
+
 def test_ragged_path_lowers_with_ragged_all_to_all(block):
     # XLA:CPU cannot compile ragged-all-to-all, but the real path lowers with the same code.
     cfg, moe, x = block
     mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
     traced, lowered = _lower_block(moe, x, "ragged", mesh_cfg, grad=True)
     hlo = collectives_from_stablehlo(lowered.as_text())
-    assert hlo["ragged_all_to_all"].count == 4  # dispatch + combine, and their transposes
+    # dispatch (rows, their expert ids, their weights) + combine, and the float ones' transposes
+    assert hlo["ragged_all_to_all"].count == 7
     traced_bytes = collectives_from_jaxpr(traced.jaxpr, dict(make_mesh(mesh_cfg).shape))
-    # Each device sends exactly its M_l K assignments each way, forward and backward.
+    # Each device sends at most M_l K rows (its distinct (token, device) pairs, counted at their
+    # bound), each with J = min(K, E/P) ids and weights, each way, forward and backward.
     M_l, K, D = B * T // 8, cfg.num_experts_per_tok, cfg.hidden_size
-    assert traced_bytes["ragged_all_to_all"].operand_bytes == 4 * M_l * K * D * 4
+    J = min(K, cfg.n_routed_experts // 4)
+    expect = 4 * M_l * K * D * 4 + 3 * M_l * K * J * 4
+    assert traced_bytes["ragged_all_to_all"].operand_bytes == expect
     if jax.default_backend() == "cpu":
         with pytest.raises(Exception, match="ragged"):
             lowered.compile()
@@ -257,6 +312,7 @@ def test_ragged_priority_exchange_only_when_a_buffer_can_overflow(block):
     cfg, moe, x = block
     mesh_cfg = MeshConfig(data=2, fsdp=1, expert=4, rules="ep")
     P, M_l, K, D = 4, B * T // 8, cfg.num_experts_per_tok, cfg.hidden_size
+    J = min(K, cfg.n_routed_experts // P)
     shape = dict(make_mesh(mesh_cfg).shape)
     S = ep_plan.capacity_sizes(
         M_l, cfg, P, budget=ep_plan.ragged_buffer_rows(M_l, cfg, P, 0.5)
@@ -268,12 +324,15 @@ def test_ragged_priority_exchange_only_when_a_buffer_can_overflow(block):
             traced, _ = _lower_block(moe, x, "ragged", mesh_cfg, grad, factor)
             c = collectives_from_jaxpr(traced.jaxpr, shape)
             got[factor] = c["all_to_all"].operand_bytes if "all_to_all" in c else 0
-            # the data rows stay ragged: counted as min(M_l K, receive buffer) rows each way
+            # the data rows stay ragged: counted as min(M_l K, receive buffer) rows each way;
+            # without dropping, one row per (token, device) pair with its ids and weights
             rows = min(M_l * K, 6 if factor == 0.5 else P * M_l * K)
-            assert c["ragged_all_to_all"].operand_bytes == (4 if grad else 2) * rows * D * 4
+            side = 0 if factor == 0.5 else (3 if grad else 2) * M_l * K * J * 4
+            assert c["ragged_all_to_all"].operand_bytes == (4 if grad else 2) * rows * D * 4 + side
         assert got[None] == got[100.0] == (0 if not grad else got[None])
-        assert got[0.5] - got[None] == 4 * P * S + 4 * P, grad
-    assert got[None] == 4 * P * 4  # the transposes' offsets only
+        # the dropping path has two float ragged exchanges to transpose, the pairs' three
+        assert got[0.5] - got[None] == 4 * P * S + 4 * P - (2 * P * 4 if grad else 0), grad
+    assert got[None] == 3 * 2 * P * 4  # the transposes' offsets only
 
 
 def test_ragged_buffer_stays_a_hard_bound_with_protected_sequences(block):
