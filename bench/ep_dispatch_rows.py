@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-
 from deepseek_jax.config import load_preset
-from deepseek_jax.moe.expert_parallel import token_device_pairs
-from deepseek_jax.moe.router import route
+from deepseek_jax.moe.expert_parallel import mean_device_pairs
 
 PRESETS = ("deepseek-v3-671b", "deepseek-v2-236b", "deepseek-v2-lite-16b")
 EP_SIZES = (8, 16, 32, 64)
@@ -28,14 +25,11 @@ EP_SIZES = (8, 16, 32, 64)
 def rows_per_token(preset: str, tokens: int, seed: int) -> dict[int, float]:
     """{EP size: mean (token, device) pairs per token} for `preset`'s router."""
     cfg = load_preset(preset)
-    logits = jax.random.normal(jax.random.key(seed), (tokens, cfg.n_routed_experts))
-    r = route(logits, None, cfg)
-    out = {}
-    for ep in EP_SIZES:
-        if cfg.n_routed_experts % ep == 0:
-            first, _, _ = token_device_pairs(r, cfg.n_routed_experts // ep)
-            out[ep] = float(first.sum()) / tokens
-    return out
+    return {
+        ep: mean_device_pairs(cfg, ep, tokens, seed)
+        for ep in EP_SIZES
+        if cfg.n_routed_experts % ep == 0
+    }
 
 
 def main(argv=None) -> str:

@@ -222,6 +222,10 @@ class Plan:
     lower_seconds: float
     hlo_chars: int
     stage_note: str = ""
+    # dropless ragged EP: mean (token, device) pairs per token (rows the dispatch sends) for the
+    # router over random logits; None where the exchange sends one row per kept assignment
+    dispatch_pairs: float | None = None
+    experts_per_token: int = 0
 
     @property
     def total_bytes(self) -> float:
@@ -395,6 +399,12 @@ def plan(
         rows = ep_plan.capacity_sizes(M_l, cfg, layout.ep_size).recv_rows
     else:
         rows = ep_plan.ragged_buffer_rows(M_l, cfg, layout.ep_size, buffer_factor)
+    pairs = None
+    P_ep = layout.ep_size
+    if cfg.is_moe and exchange == "ragged" and P_ep > 1:
+        K_l = min(cfg.num_experts_per_tok, cfg.n_routed_experts // P_ep)
+        if rows >= P_ep * M_l * K_l:  # the worst-case buffer: the dropless pair exchange
+            pairs = expert_parallel.mean_device_pairs(cfg, P_ep)
     act = _activation_estimate(cfg, mesh_shape, rules, B_l, seq, rows if cfg.is_moe else 0)
     act_note = "estimate: saved layer inputs + logits and their gradient + one layer's peak"
     stage_note = ""
@@ -453,6 +463,8 @@ def plan(
         lower_seconds=lower_seconds,
         hlo_chars=hlo_chars,
         stage_note=stage_note,
+        dispatch_pairs=pairs,
+        experts_per_token=cfg.num_experts_per_tok if cfg.is_moe else 0,
     )
 
 
@@ -496,6 +508,15 @@ def format_plan(p: Plan) -> str:
         )
     total = sum(c.wire_bytes for c in p.collectives.values())
     lines.append(f"  {'total':<42}{'':>8}{'':>13}{total / GiB:>11.3f}")
+    if p.dispatch_pairs is not None:
+        K = p.experts_per_token
+        lines += [
+            "",
+            "ragged_all_to_all is counted at its bound, M_l K rows per exchange. The dropless "
+            f"dispatch sends one row per (token, device) pair: {p.dispatch_pairs:.2f} of K = {K} "
+            f"per token for this router over random logits ({p.dispatch_pairs / K:.0%} of the "
+            "rows; bench/ep_dispatch_rows.py)",
+        ]
     return "\n".join(lines)
 
 

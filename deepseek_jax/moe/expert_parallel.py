@@ -53,7 +53,7 @@ from deepseek_jax.moe.ep_plan import (
     ragged_plan,
 )
 from deepseek_jax.moe.experts import swiglu_grouped
-from deepseek_jax.moe.router import Routing
+from deepseek_jax.moe.router import Routing, route
 from deepseek_jax.sharding.logical import MeshAxes, vary_over
 from deepseek_jax.sharding.parallel import ParallelConfig, flat_axes
 
@@ -275,6 +275,15 @@ def token_device_pairs(r: Routing, E_l: int) -> tuple[jax.Array, jax.Array, jax.
     ids = jnp.where(take.any(2), jnp.where(take, local, 0).sum(2), E_l).astype(jnp.int32)
     weights = jnp.einsum("mkqj,mq->mkj", take.astype(r.weights.dtype), r.weights)
     return first, ids, weights
+
+
+def mean_device_pairs(cfg: ModelConfig, ep_size: int, tokens: int = 4096, seed: int = 0) -> float:
+    """Mean (token, device) pairs per token, the rows `_ragged_dropless_exchange` sends each way,
+    for cfg's router (group-limited top-K) over random logits, an untrained router's, with
+    E / ep_size experts per device (bench/ep_dispatch_rows.py, the planner's note)."""
+    logits = jax.random.normal(jax.random.key(seed), (tokens, cfg.n_routed_experts))
+    first, _, _ = token_device_pairs(route(logits, None, cfg), cfg.n_routed_experts // ep_size)
+    return float(first.sum()) / tokens
 
 
 def _ragged_dropless_exchange(xc, r: Routing, ws, layout: EPLayout, cfg: ModelConfig, a2a):

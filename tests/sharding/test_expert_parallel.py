@@ -252,6 +252,15 @@ def test_token_device_pairs_group_each_tokens_assignments_by_device():
     assert first.sum() == len(pairs) < M * K
 
 
+def test_mean_device_pairs_spans_one_row_to_k_rows_per_token():
+    cfg = load_preset("v3-1b")  # 64 experts, 6 per token, 8 groups of which 4 are kept
+    K = cfg.num_experts_per_tok
+    assert ep.mean_device_pairs(cfg, 1, tokens=512) == 1.0  # all experts on one device
+    assert ep.mean_device_pairs(cfg, 64, tokens=512) == K  # one expert per device
+    # one device per group: a token reaches at most its topk_group kept groups
+    assert 1 < ep.mean_device_pairs(cfg, cfg.n_group, tokens=512) <= cfg.topk_group < K
+
+
 def test_dropless_ragged_exchange_sends_each_token_once_per_device(block, monkeypatch):
     """The rows dispatched are the distinct (token, device) pairs, not the M K assignments."""
     cfg, moe, x = block

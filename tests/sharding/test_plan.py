@@ -57,6 +57,16 @@ def test_plan_mid_size_fsdp_ep(mid, capsys):
     assert plan.lower_seconds < 120
 
 
+def test_dropless_plan_says_how_many_rows_the_dispatch_sends(mid, capsys):
+    args = ["--config", "v3-1b", "--mesh", "data=2,fsdp=4,expert=8", "--seq", "256"]
+    assert main(args).dispatch_pairs is None  # a bounded buffer: one row per kept assignment
+    assert "(token, device) pair" not in capsys.readouterr().out
+    plan = main([*args, "--buffer-factor", "0"])
+    assert 1 < plan.dispatch_pairs <= mid.topk_group < mid.num_experts_per_tok  # a group each
+    K = mid.num_experts_per_tok
+    assert f"pair: {plan.dispatch_pairs:.2f} of K = {K} per token" in capsys.readouterr().out
+
+
 def test_plan_pipeline_stages_and_tensor_parallel(mid, capsys):
     plan = main(
         [
