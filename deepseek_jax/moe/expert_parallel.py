@@ -266,10 +266,10 @@ def token_device_pairs(r: Routing, E_l: int) -> tuple[jax.Array, jax.Array, jax.
     M, K = r.experts.shape
     J = min(K, E_l)
     dest = r.experts // E_l  # [M, K]
-    earlier = (dest[:, :, None] == dest[:, None, :]) & jnp.tri(K, k=-1, dtype=bool)  # k' < k
+    same = dest[:, :, None] == dest[:, None, :]  # [M, K, K']
+    earlier = same & jnp.tri(K, k=-1, dtype=bool)  # ... and k' < k
     first = ~earlier.any(-1)  # [M, K]
     rank = earlier.sum(-1)  # [M, K]: place of k among its token's assignments to its device
-    same = dest[:, :, None] == dest[:, None, :]  # [M, K, K']
     take = same[..., None] & (rank[:, None, :, None] == jnp.arange(J))  # [M, K, K', J]
     local = (r.experts % E_l)[:, None, :, None]  # [M, 1, K', 1]
     ids = jnp.where(take.any(2), jnp.where(take, local, 0).sum(2), E_l).astype(jnp.int32)
@@ -293,9 +293,10 @@ def _ragged_dropless_exchange(xc, r: Routing, ws, layout: EPLayout, cfg: ModelCo
     Each source sends a token's row once to every device holding some of its experts, with
     those experts' local ids and gating weights ([J] int32 and f32 beside the row); the device
     runs them and returns one row, the weighted sum of their outputs, which the source adds up.
-    The wire carries the distinct pairs (V3's node-limited routing makes them few), not the M K
-    assignments, each way; the receive buffer holds P M rows (each source's tokens at most once)
-    instead of P M min(K, E_l). Padding is sent too: this path drops nothing.
+    The wire carries the distinct pairs, not the M K assignments, each way (where a device holds
+    whole routing groups a token reaches at most topk_group devices: V3 on EP8 sends ~4 rows of
+    8; bench/ep_dispatch_rows.py); the receive buffer holds P M rows (each source's tokens at
+    most once) instead of P M min(K, E_l). Padding is sent too: this path drops nothing.
     """
     M, K = r.experts.shape
     D, E_l, n_dev, manual = xc.shape[-1], ws[0].shape[0], layout.ep_size, layout.varying_axes
