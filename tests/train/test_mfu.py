@@ -45,9 +45,15 @@ def test_vector_peak_counts_amd_fma_width(family, model, flags, lanes):
 
 def test_cpu_peak_is_at_least_a_measured_matmul(tmp_path):
     cache = str(tmp_path / "peak.json")
+    # The process calibrates now, between two plain matmuls (this process's first calibration
+    # may have run while the other test worker loaded the 2 cores, when a boosting CPU's matmul
+    # is slower than its cpuinfo bound; the cache keeps the best across processes for that).
+    flops._calibration.cache_clear()
+    before = calibrate_cpu_matmul(n=512, repeats=3)
     value, how = cpu_peak(cache=cache)
+    after = calibrate_cpu_matmul(n=512, repeats=3)
     # A plain fp32 matmul can never beat the peak: 1e11 per device did (~280% MFU, issue 11).
-    assert value >= calibrate_cpu_matmul(n=512, repeats=3) * 0.9
+    assert value >= min(before, after) * 0.9, (value, before, after, how)
     assert value != 1e11
     assert how  # the log says which source
     again, how2 = cpu_peak(cache=cache)
