@@ -522,11 +522,13 @@ def expert_parallel_routed(
       cfg: model config (sizes, capacity_factor, compute dtype).
       parallel: the mesh, rules and exchange ('ragged' | 'ragged_emulated' | 'capacity'; its
         buffer_factor sizes the ragged receive buffer).
-      buffer_rows: the ragged path's budget C, its receive rows (default `ragged_buffer_rows`
-        with parallel.buffer_factor); below the worst case P R, overflow follows V2's
-        device-level rule. The buffer is a hard bound: a protected sequence's rows rank first
-        but are dropped (and counted) when they alone overflow it; the capacity exchange
-        instead grows its `CapacitySizes.recv_rows` to keep every protected row.
+      buffer_rows: the ragged path's budget C (default `ragged_buffer_rows` with
+        parallel.buffer_factor). At the worst case P R nothing can drop and the exchange sends
+        (token, device) pairs into P M_l receive rows; below it, C is the receive rows and
+        overflow follows V2's device-level rule. The buffer is then a hard bound: a protected
+        sequence's rows rank first but are dropped (and counted) when they alone overflow it;
+        the capacity exchange instead grows its `CapacitySizes.recv_rows` to keep every
+        protected row.
       token_mask: [B, T] bool, False on padding: the dropping exchanges never send padding, so
         it takes no device budget (the dropless ragged one sends it); None = no padding.
     Returns:
