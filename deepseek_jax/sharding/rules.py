@@ -143,7 +143,9 @@ def _logical_axes(var) -> tuple[str | None, ...] | None:
     return tuple(meta["logical_axes"]) if "logical_axes" in meta else None
 
 
-def _key(k) -> str:
+def key_name(k) -> str:
+    """A jax key-path entry as a name: a dict key, an attribute or field name, an index (as
+    Orbax names it in a checkpoint's `_METADATA` too)."""
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
             return str(getattr(k, attr))
@@ -151,7 +153,7 @@ def _key(k) -> str:
 
 
 def _path_name(path) -> str:
-    return "/".join(_key(k) for k in path)
+    return "/".join(key_name(k) for k in path)
 
 
 def state_specs(state, rules: Mapping[str, MeshAxes], mesh_sizes: Mapping[str, int]):

@@ -47,6 +47,7 @@ from deepseek_jax.orbax_layout import (
     quiet_abandoned_reads,
     stored_paths,
 )
+from deepseek_jax.sharding.rules import key_name
 from deepseek_jax.train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -175,21 +176,13 @@ def _abstract(tree):
     return jax.tree.map(one, tree)
 
 
-def _key_name(key) -> str:
-    """A jax key-path entry as Orbax names it in `_METADATA` (dict key, field name, index)."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _legacy_names(tree, stored: set[tuple[str, ...]]) -> tuple[dict, dict]:
     """The dict-key renames that read `tree` from a checkpoint that stores `stored`, written
     before a parameter rename (`orbax_layout.RENAMED_PATHS`): ({path in tree's names: old key},
     {path in the stored names: today's key}); both empty for a checkpoint of today's names."""
     to_old, to_new = {}, {}
     for key_path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        path = tuple(_key_name(k) for k in key_path)
+        path = tuple(key_name(k) for k in key_path)
         old = path_as_stored(path, stored)
         for i, (today, then) in enumerate(zip(path, old, strict=True)):
             if today != then:
