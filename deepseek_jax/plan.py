@@ -399,11 +399,10 @@ def plan(
         rows = ep_plan.capacity_sizes(M_l, cfg, layout.ep_size).recv_rows
     else:
         rows = ep_plan.ragged_buffer_rows(M_l, cfg, layout.ep_size, buffer_factor)
-    pairs = None
+    pairs = None  # the dropless pair exchange's rows per token
     P_ep = layout.ep_size
     if cfg.is_moe and exchange == "ragged" and P_ep > 1:
-        K_l = min(cfg.num_experts_per_tok, cfg.n_routed_experts // P_ep)
-        if rows >= P_ep * M_l * K_l:  # the worst-case buffer: the dropless pair exchange
+        if ep_plan.capacity_sizes(M_l, cfg, P_ep, budget=rows).never_overflows(P_ep):
             pairs = expert_parallel.mean_device_pairs(cfg, P_ep)
     act = _activation_estimate(cfg, mesh_shape, rules, B_l, seq, rows if cfg.is_moe else 0)
     act_note = "estimate: saved layer inputs + logits and their gradient + one layer's peak"

@@ -32,6 +32,11 @@ class CapacitySizes(NamedTuple):
     send_rows: int  # rows per (source, destination) block of the data exchange, <= R
     recv_rows: int  # rows a device computes: max(C, protected ones that may arrive), <= P R
 
+    def never_overflows(self, ep_size: int) -> bool:
+        """C >= P R: every source may send a device all it routes there, nothing can drop (the
+        ragged exchange then sends (token, device) pairs, `_ragged_dropless_exchange`)."""
+        return self.budget >= ep_size * self.pair_rows
+
 
 def capacity_sizes(
     tokens: int,
@@ -88,12 +93,14 @@ def device_keep(priority: jax.Array, budget: int, *, hard: bool = False) -> jax.
 def ragged_buffer_rows(
     tokens: int, cfg: ModelConfig, ep_size: int, factor: float | None = None
 ) -> int:
-    """Receive rows of the ragged exchange on each device.
+    """The ragged exchange's budget C: the assignments a device accepts.
 
-    A token sends at most min(K, E/P) assignments to one device, so P M_l min(K, E/P) rows never
-    overflow (factor None). That is P times the mean load M_l K - for V3 on EP64, 15 GiB of bf16
-    rows - so at scale a `factor` (e.g. 2: twice the mean load, which the bias-balanced router
-    stays under) bounds it. It is then the device's budget C of V2's device-level dropping
+    A token sends at most min(K, E/P) assignments to one device, so P M_l min(K, E/P) never
+    overflow (factor None). That budget selects the dropless exchange, which receives (token,
+    device) pairs, at most P M_l rows, but still runs up to P M_l min(K, E/P) expert rows (for
+    V3 on EP64, 15 GiB of bf16 rows). At scale a
+    `factor` (e.g. 2: twice the mean load, which the bias-balanced router stays under) bounds it,
+    and C is then the receive rows and the budget of V2's device-level dropping
     (Sec. 2.2.3): over it, the lowest-affinity arrivals across all sources are dropped (never
     a protected sequence's) and counted in MoEStats.dropped.
     """

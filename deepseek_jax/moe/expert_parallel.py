@@ -456,7 +456,7 @@ def _ep_body(
     else:
         a2a = ragged_all_to_all_emulated if exchange == "ragged_emulated" else None
         a2a = a2a or jax.lax.ragged_all_to_all
-        if sizes.budget >= layout.ep_size * sizes.pair_rows:  # no device can overflow
+        if sizes.never_overflows(layout.ep_size):
             routed, dropped = _ragged_dropless_exchange(xc, r, ws, layout, cfg, a2a)
         else:
             k = klass.reshape(-1)
