@@ -95,14 +95,13 @@ def ragged_buffer_rows(
 ) -> int:
     """The ragged exchange's budget C: the assignments a device accepts.
 
-    A token sends at most min(K, E/P) assignments to one device, so P M_l min(K, E/P) never
-    overflow (factor None). That budget selects the dropless exchange, which receives (token,
-    device) pairs, at most P M_l rows, but still runs up to P M_l min(K, E/P) expert rows (for
-    V3 on EP64, 15 GiB of bf16 rows). At scale a
-    `factor` (e.g. 2: twice the mean load, which the bias-balanced router stays under) bounds it,
-    and C is then the receive rows and the budget of V2's device-level dropping
-    (Sec. 2.2.3): over it, the lowest-affinity arrivals across all sources are dropped (never
-    a protected sequence's) and counted in MoEStats.dropped.
+    A token sends at most min(K, E/P) assignments to one device, so P M_l min(K, E/P) never overflow
+    (factor None). That budget selects the dropless exchange, which receives (token, device) pairs,
+    at most P M_l rows, but still runs up to P M_l min(K, E/P) expert rows (for V3 on EP64, 15 GiB
+    of bf16 rows). At scale a `factor` (e.g. 2: twice the mean load, which the bias-balanced router
+    stays under) bounds it, and C is then the receive rows and the budget of V2's device-level
+    dropping (Sec. 2.2.3): over it, the lowest-affinity arrivals across all sources are dropped
+    (never a protected sequence's) and counted in MoEStats.dropped.
     """
     E_l = cfg.n_routed_experts // ep_size
     worst = ep_size * tokens * min(cfg.num_experts_per_tok, E_l)
