@@ -261,12 +261,18 @@ def test_mean_device_pairs_spans_one_row_to_k_rows_per_token():
     assert 1 < ep.mean_device_pairs(cfg, cfg.n_group, tokens=512) <= cfg.topk_group < K
 
 
+def _spread_routing(moe):
+    """`moe` with a router weight of unit-scale logits: the choice depends on the token (the
+    small initial weight leaves it to the selection bias, the same experts for every token)."""
+    w = moe.router.weight
+    w[...] = jax.random.normal(jax.random.key(5), w.shape) / np.sqrt(w.shape[0])
+    return moe
+
+
 def test_dropless_ragged_exchange_sends_each_token_once_per_device(block, monkeypatch):
     """The rows dispatched are the distinct (token, device) pairs, not the M K assignments."""
     cfg, moe, x = block
-    moe = nnx.merge(*nnx.split(moe))  # token-dependent routing: some tokens' experts share a device
-    w = moe.router.weight
-    w[...] = jax.random.normal(jax.random.key(5), w.shape) / np.sqrt(cfg.hidden_size)
+    moe = _spread_routing(nnx.merge(*nnx.split(moe)))  # some tokens' experts share a device
     mesh_cfg = MeshConfig(data=4, fsdp=1, expert=2, rules="ep")  # 4 experts per device
     sent = []
 
@@ -300,9 +306,7 @@ def test_ep_block_runs_the_fp8_recipe(block):
     cfg = load_preset("v3-tiny").replace(
         dtype="bfloat16", fp8=True, hidden_size=128, moe_intermediate_size=128
     )
-    moe = MoE(cfg, rngs=nnx.Rngs(1))
-    w = moe.router.weight
-    w[...] = jax.random.normal(jax.random.key(5), w.shape) / np.sqrt(cfg.hidden_size)
+    moe = _spread_routing(MoE(cfg, rngs=nnx.Rngs(1)))
     x = jax.random.normal(jax.random.key(2), (8, 16, cfg.hidden_size))
     mesh_cfg = MeshConfig(data=4, fsdp=1, expert=2, rules="ep")
     out, _, g_x, g_w = _out_and_grads(moe, x, _parallel(mesh_cfg, "ragged_emulated"))
